@@ -1,0 +1,212 @@
+"""Run configuration: the schema Hydra fills, and every check made before any weight is read.
+
+The dataclasses are registered in Hydra's ConfigStore, so unknown keys and wrong types are refused by
+Hydra itself; `validate_run` adds the rules a type cannot express. Every error names the key, the value
+and what is allowed, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("cpu", "gpu")
+SCHEDULERS = ("unipc", "euler")
+TASKS = ("t2v", "i2v")
+PARALLEL_PRESETS = ("auto", "single", "stage_split", "cfg", "ulysses", "ring", "usp", "cfg_usp")
+
+# The diffusers-format repositories the real presets correspond to; named in the error a user sees when
+# a real preset is chosen without a local folder.
+PRESET_REPOS = {
+    "t2v_1_3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "t2v_14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers",
+    "i2v_14b_480p": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    "i2v_14b_720p": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+}
+TINY_PRESETS = ("tiny", "tiny_i2v")
+MODEL_PRESETS = TINY_PRESETS + tuple(PRESET_REPOS)
+
+# diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
+PIPELINE_TASKS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message is meant for the user as is."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    path: str | None = None
+    # Filled by the preset for the tiny models (built locally); read from the folder otherwise.
+    task: str | None = None
+    dit_dtype: str = "auto"
+    vae_dtype: str = "fp32"
+    text_encoder_dtype: str = "auto"
+    text_encoder_device: str = "cpu"
+
+
+@dataclass
+class ParallelConfig:
+    preset: str = "auto"
+    cfg_degree: int | None = None
+    ulysses_degree: int | None = None
+    ring_degree: int | None = None
+    stage_split: bool | None = None
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class OutputConfig:
+    dir: str | None = None
+    save_frames: bool = False
+
+
+@dataclass
+class LoraConfig:
+    path: str = MISSING
+    scale: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    prompt: str = "A red panda rides a bicycle through a sunlit bamboo forest."
+    negative_prompt: str = ""
+    image: str | None = None
+    prompts_file: str | None = None
+    height: int = 64
+    width: int = 64
+    num_frames: int = 9
+    frame_rate: int = 16
+    steps: int = 4
+    guidance_scale: float = 5.0
+    flow_shift: float = 3.0
+    scheduler: str = "unipc"
+    seed: int = 0
+    lora: list[LoraConfig] = field(default_factory=list)
+    # Optional text-embedding cache folder; empty disables it.
+    embedding_cache: str | None = None
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def read_task_from_folder(path: str) -> str:
+    """The task of a diffusers-format Wan folder, from its model_index.json (no weights are read)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        _fail("model.path", path, "a diffusers-format folder with a model_index.json")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name not in PIPELINE_TASKS:
+        _fail("model.path", path, f"a Wan2.1 folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, "
+              f"not {class_name!r}")
+    return PIPELINE_TASKS[class_name]
+
+
+def read_prompts(run: RunConfig) -> list[str]:
+    if run.prompts_file:
+        lines = Path(run.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            _fail("prompts_file", run.prompts_file, "a file with at least one non-empty line")
+        return prompts
+    return [run.prompt]
+
+
+def validate_run(run: RunConfig) -> None:
+    """Every rule a type cannot express. Reads no weights: only small JSON files of the model folder."""
+    m = run.model
+    if m.preset not in MODEL_PRESETS:
+        _fail("model", m.preset, f"one of {', '.join(MODEL_PRESETS)}")
+    if m.preset in PRESET_REPOS and not m.path:
+        raise ConfigError(
+            f"model={m.preset} needs its weights: model.path is not set. Download the diffusers-format repo "
+            f"{PRESET_REPOS[m.preset]} (e.g. `huggingface-cli download {PRESET_REPOS[m.preset]} --local-dir "
+            f"/models/{m.preset}`) and pass model.path=/models/{m.preset}"
+        )
+    if m.path:
+        if not Path(m.path).is_dir():
+            _fail("model.path", m.path, "an existing local folder")
+        task = read_task_from_folder(m.path)
+        if m.task and m.task != task:
+            _fail("model.task", m.task, f"the folder's task, {task!r} (read from {m.path}/model_index.json)")
+        m.task = task
+    if m.task not in TASKS:
+        _fail("model.task", m.task, f"one of {TASKS}")
+    for key in ("dit_dtype", "vae_dtype", "text_encoder_dtype"):
+        if getattr(m, key) not in DTYPES:
+            _fail(f"model.{key}", getattr(m, key), f"one of {', '.join(DTYPES)}")
+    if m.text_encoder_device not in DEVICES:
+        _fail("model.text_encoder_device", m.text_encoder_device, f"one of {', '.join(DEVICES)}")
+
+    p = run.parallel
+    if p.preset not in PARALLEL_PRESETS:
+        _fail("parallel", p.preset, f"one of {', '.join(PARALLEL_PRESETS)}")
+    for key in ("cfg_degree", "ulysses_degree", "ring_degree"):
+        value = getattr(p, key)
+        if value is not None and value < 1:
+            _fail(f"parallel.{key}", value, "a positive integer (or null to fill from the world size)")
+    if p.cfg_degree not in (None, 1, 2):
+        _fail("parallel.cfg_degree", p.cfg_degree, "1 or 2 (the conditional and unconditional branches)")
+    if p.timeout_s <= 0:
+        _fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
+
+    if run.height <= 0 or run.height % 16:
+        _fail("height", run.height, "a positive multiple of 16")
+    if run.width <= 0 or run.width % 16:
+        _fail("width", run.width, "a positive multiple of 16")
+    if run.num_frames < 1 or (run.num_frames - 1) % 4:
+        _fail("num_frames", run.num_frames, "of the form 4k+1 (1, 5, 9, ..., 81)")
+    if run.frame_rate <= 0:
+        _fail("frame_rate", run.frame_rate, "a positive number of frames per second")
+    if run.steps <= 0:
+        _fail("steps", run.steps, "a positive number of denoising steps")
+    if run.guidance_scale < 0:
+        _fail("guidance_scale", run.guidance_scale, "a number >= 0 (guidance is used when > 1)")
+    if run.flow_shift <= 0:
+        _fail("flow_shift", run.flow_shift, "a positive number (3.0 at 480p, 5.0 at 720p)")
+    if run.scheduler not in SCHEDULERS:
+        _fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
+    if p.cfg_degree == 2 and run.guidance_scale <= 1:
+        _fail("parallel.cfg_degree", 2, f"1 when guidance_scale={run.guidance_scale} (no guidance, so no "
+              "unconditional branch to put on a second rank)")
+
+    if m.task == "i2v":
+        if not run.image:
+            _fail("image", run.image, "a path to an existing image file: the model is image-to-video")
+        if not Path(run.image).is_file():
+            _fail("image", run.image, "a path to an existing image file")
+    elif run.image:
+        _fail("image", run.image, "unset: the model is text-to-video (pass an image only to an i2v model)")
+
+    if run.prompts_file:
+        if not Path(run.prompts_file).is_file():
+            _fail("prompts_file", run.prompts_file, "a path to an existing text file, one prompt a line")
+        read_prompts(run)
+    elif not run.prompt.strip():
+        _fail("prompt", run.prompt, "a non-empty text (or prompts_file)")
+
+    for i, lora in enumerate(run.lora):
+        if not Path(lora.path).is_file():
+            _fail(f"lora[{i}].path", lora.path, "an existing local .safetensors file")
+        if not str(lora.path).endswith(".safetensors"):
+            _fail(f"lora[{i}].path", lora.path, "a .safetensors file")
+    if run.output.dir is not None and Path(run.output.dir).exists() and not Path(run.output.dir).is_dir():
+        _fail("output.dir", run.output.dir, "a folder (it exists as a file)")
+    if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
+        _fail("embedding_cache", run.embedding_cache, "a folder")

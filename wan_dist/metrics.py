@@ -1,0 +1,66 @@
+"""Per-rank timings and memory for run.json."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class RankMetrics:
+    rank: int
+    role: str
+    device: str
+    parameter_bytes: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[list[float]] = field(default_factory=list)
+    peak_parameter_bytes: int = 0
+
+    @contextmanager
+    def timed(self, name: str, device: torch.device | None = None) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if device is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def hold(self, component: str, nbytes: int) -> None:
+        self.parameter_bytes[component] = nbytes
+        self.note_peak()
+
+    def release(self, component: str) -> None:
+        self.parameter_bytes.pop(component, None)
+
+    def snapshot(self, device: torch.device) -> dict:
+        return {
+            "rank": self.rank, "role": self.role, "device": self.device,
+            "parameter_bytes": dict(self.parameter_bytes),
+            "parameter_bytes_total": sum(self.parameter_bytes.values()),
+            "peak_parameter_bytes": self.peak_parameter_bytes,
+            "peak_bytes": peak_memory_bytes(device), "peak_kind": peak_kind(device),
+            "timings": dict(self.timings),
+            "step_seconds": [list(steps) for steps in self.step_seconds],
+        }
+
+    def note_peak(self) -> None:
+        self.peak_parameter_bytes = max(self.peak_parameter_bytes, sum(self.parameter_bytes.values()))
+
+
+def peak_kind(device: torch.device) -> str:
+    return "cuda_max_allocated" if device.type == "cuda" else "cpu_max_rss"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)

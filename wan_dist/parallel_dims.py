@@ -1,0 +1,150 @@
+"""How the ranks are split: cfg x ring x ulysses DiT ranks, plus an optional stage-split rank.
+
+Rank 0 always holds the encoders and the VAE and writes the outputs. Without a stage split it is also a
+DiT rank; with one it holds nothing else and the DiT ranks are 1..world-1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+
+from .config import ConfigError, ParallelConfig
+
+MESH_AXES = ("cfg", "ring", "ulysses")
+
+# What each preset fixes; None is left open and filled from the world size.
+_PRESETS: dict[str, dict[str, object]] = {
+    "auto": {},
+    "single": {"cfg": 1, "ulysses": 1, "ring": 1, "stage_split": False},
+    "stage_split": {"stage_split": True},
+    "cfg": {"cfg": 2, "ulysses": 1, "ring": 1},
+    "ulysses": {"cfg": 1, "ring": 1},
+    "ring": {"cfg": 1, "ulysses": 1},
+    "usp": {"cfg": 1},
+    "cfg_usp": {"cfg": 2},
+}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    cfg: int
+    ring: int
+    ulysses: int
+    stage_split: bool
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for axis in MESH_AXES:
+            if getattr(self, axis) < 1:
+                raise ConfigError(f"parallel.{axis}_degree={getattr(self, axis)} is not allowed: a positive integer")
+        if self.cfg not in (1, 2):
+            raise ConfigError(f"parallel.cfg_degree={self.cfg} is not allowed: 1 or 2")
+        needed = self.cfg * self.ring * self.ulysses + int(self.stage_split)
+        if needed != self.world_size:
+            split = " + 1 stage-split rank" if self.stage_split else ""
+            raise ConfigError(
+                f"parallel degrees cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses}{split} need "
+                f"{needed} ranks, but the world size is {self.world_size}: make the product equal "
+                f"{self.world_size - int(self.stage_split)} or start {needed} ranks"
+            )
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def dit_world_size(self) -> int:
+        return self.cfg * self.sp
+
+    @property
+    def dit_ranks(self) -> list[int]:
+        first = 1 if self.stage_split else 0
+        return list(range(first, first + self.dit_world_size))
+
+    @property
+    def dit_leader(self) -> int:
+        """The DiT rank that hands the final latents to rank 0."""
+        return self.dit_ranks[0]
+
+    def is_dit_rank(self, rank: int) -> bool:
+        return rank in self.dit_ranks
+
+    def describe(self) -> str:
+        parts = [f"cfg={self.cfg}", f"ring={self.ring}", f"ulysses={self.ulysses}"]
+        if self.stage_split:
+            parts.append("stage_split(rank 0: encoders+VAE)")
+        return " x ".join(parts[:3]) + (" + " + parts[3] if self.stage_split else "")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The DiT ranks' mesh. Every rank must call this (group creation is collective); rank 0 of a
+        stage split gets a mesh it is not part of and must not use."""
+        ranks = torch.tensor(self.dit_ranks).view(self.cfg, self.ring, self.ulysses)
+        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fill_sequence_axes(n: int, num_heads: int, both: bool) -> tuple[int, int]:
+    """(ulysses, ring) with ulysses * ring == n. Ulysses first while the head count divides (its
+    all-to-all is cheaper than the ring's n-1 exchanges); `both` keeps a ring axis as well (USP)."""
+    candidates = [d for d in _divisors(n) if not both or d < n or n == 1]
+    if both and n > 1 and len(candidates) == 1:  # n is prime: no two-axis split exists
+        candidates = [n]
+    head_friendly = [d for d in candidates if num_heads % d == 0]
+    ulysses = max(head_friendly or candidates)
+    return ulysses, n // ulysses
+
+
+def resolve_parallel_dims(
+    p: ParallelConfig, *, world_size: int, num_heads: int, guidance_scale: float
+) -> ParallelDims:
+    """Fill what the preset and the explicit degrees leave open, then check the result."""
+    preset = dict(_PRESETS[p.preset])
+    explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
+    degrees = {axis: explicit[axis] if explicit[axis] is not None else preset.get(axis) for axis in explicit}
+    stage_split = p.stage_split if p.stage_split is not None else bool(preset.get("stage_split", False))
+    if stage_split and world_size < 2:
+        raise ConfigError(
+            "parallel.stage_split=true is not allowed with a world size of 1: it needs one rank for the "
+            "encoders and VAE and at least one for the DiT (start with torchrun --nproc_per_node=2 or more)"
+        )
+    dit_world = world_size - int(stage_split)
+
+    if degrees["cfg"] is None:
+        fixed = (degrees["ulysses"] or 1) * (degrees["ring"] or 1)
+        wants_cfg = guidance_scale > 1 and dit_world % (2 * fixed) == 0
+        degrees["cfg"] = 2 if wants_cfg and p.preset in ("auto", "stage_split") else 1
+    if dit_world % degrees["cfg"]:
+        raise ConfigError(
+            f"parallel.cfg_degree={degrees['cfg']} is not allowed with {dit_world} DiT ranks: the DiT ranks "
+            f"must divide into {degrees['cfg']} guidance branches"
+        )
+    rest = dit_world // degrees["cfg"]
+    u, r = degrees["ulysses"], degrees["ring"]
+    if u is None and r is None:
+        u, r = _fill_sequence_axes(rest, num_heads, both=p.preset in ("usp", "cfg_usp"))
+    elif u is None:
+        if rest % r:
+            raise ConfigError(f"parallel.ring_degree={r} is not allowed: it must divide the {rest} ranks left "
+                              f"after cfg_degree={degrees['cfg']}")
+        u = rest // r
+    elif r is None:
+        if rest % u:
+            raise ConfigError(f"parallel.ulysses_degree={u} is not allowed: it must divide the {rest} ranks "
+                              f"left after cfg_degree={degrees['cfg']}")
+        r = rest // u
+    return ParallelDims(cfg=degrees["cfg"], ring=r, ulysses=u, stage_split=stage_split, world_size=world_size)
+
+
+def check_sequence_length(dims: ParallelDims, num_tokens: int) -> None:
+    """Padding makes any length work, but a shard must hold at least one real token."""
+    if dims.sp > num_tokens:
+        raise ConfigError(
+            f"the video has {num_tokens} DiT tokens, fewer than the {dims.sp} sequence-parallel ranks "
+            f"(ring={dims.ring} x ulysses={dims.ulysses}): use larger height/width/num_frames or fewer ranks"
+        )

@@ -1,0 +1,80 @@
+"""The denoising loop. It asks one function for the guided noise at each step and knows nothing about
+where the model lives or how it is split."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+NoisePredictor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LatentShape:
+    channels: int
+    frames: int
+    height: int
+    width: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (1, self.channels, self.frames, self.height, self.width)
+
+    def num_tokens(self, patch_size: tuple[int, int, int]) -> int:
+        pt, ph, pw = patch_size
+        return (self.frames // pt) * (self.height // ph) * (self.width // pw)
+
+
+def latent_shape(vae_config: dict, *, height: int, width: int, num_frames: int) -> LatentShape:
+    temporal = vae_config.get("scale_factor_temporal", 4)
+    spatial = vae_config.get("scale_factor_spatial", 8)
+    return LatentShape(
+        channels=vae_config.get("z_dim", 16), frames=(num_frames - 1) // temporal + 1,
+        height=height // spatial, width=width // spatial,
+    )
+
+
+def initial_noise(shape: LatentShape, seed: int, device: torch.device) -> torch.Tensor:
+    """Drawn as diffusers draws it: one CPU generator for the whole latent, then moved; so every split
+    and every world size starts from the same noise."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape.shape, generator=generator, dtype=torch.float32).to(device)
+
+
+@dataclass
+class DenoiseResult:
+    latents: torch.Tensor
+    step_seconds: list[float]
+
+
+@torch.no_grad()
+def denoise(
+    *,
+    latents: torch.Tensor,
+    scheduler,
+    steps: int,
+    predict_noise: NoisePredictor,
+    model_dtype: torch.dtype,
+    condition: torch.Tensor | None = None,
+    show_progress: bool = True,
+    description: str = "denoising",
+    synchronize: Callable[[], None] = lambda: None,
+) -> DenoiseResult:
+    """Wan2.1's sampling loop, step for step as diffusers' WanPipeline / WanImageToVideoPipeline run it:
+    model input in the DiT dtype (with the I2V condition concatenated on channels), latents kept in fp32,
+    the scheduler stepping on the guided noise."""
+    scheduler.set_timesteps(steps, device=latents.device)
+    scheduler.set_begin_index(0)
+    step_seconds: list[float] = []
+    for t in tqdm(scheduler.timesteps, desc=description, disable=not show_progress, leave=False):
+        start = time.perf_counter()
+        model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
+        noise = predict_noise(model_input.to(model_dtype), t.expand(latents.shape[0]))
+        latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        synchronize()
+        step_seconds.append(time.perf_counter() - start)
+    return DenoiseResult(latents=latents, step_seconds=step_seconds)

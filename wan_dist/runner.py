@@ -1,0 +1,278 @@
+"""One generation run on every rank: load what this rank's role needs, encode on rank 0, denoise on the
+DiT ranks, decode and write on rank 0.
+
+Roles: rank 0 holds the text encoder, the I2V image encoder and the VAE, and writes the outputs. The DiT
+ranks (all ranks, or 1..N-1 with a stage split) hold the DiT, split among themselves by the mesh.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import platform
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from . import __version__
+from .cfg_parallel import GuidedNoise
+from .config import RunConfig, read_prompts
+from .decode import decode_latents
+from .loading import (
+    apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
+    load_vae, model_folder, parameter_bytes, read_component_config, resolve_dtype,
+)
+from .metrics import RankMetrics
+from .parallel_dims import check_sequence_length
+from .pipeline import denoise, initial_noise, latent_shape
+from .sequence_parallel import parallelize_sequence
+from .session import Session
+from .stage_split import PendingSend, recv_tensors, send_tensors
+from .text_encoding import (
+    BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds,
+)
+from .video import write_frames, write_json, write_video
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    dit: torch.dtype
+    vae: torch.dtype
+    encoder: torch.dtype
+    encoder_device: torch.device
+
+
+def resolve_dtypes(run: RunConfig, device: torch.device) -> Dtypes:
+    encoder_device = device if run.model.text_encoder_device == "gpu" else torch.device("cpu")
+    return Dtypes(
+        dit=resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16),
+        vae=resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32),
+        encoder=resolve_dtype(run.model.text_encoder_dtype, encoder_device, gpu_default=torch.bfloat16),
+        encoder_device=encoder_device,
+    )
+
+
+def output_names(index: int, queued: bool) -> tuple[str, str]:
+    return (f"video_{index}.mp4", f"frames_{index}.npy") if queued else ("video.mp4", "frames.npy")
+
+
+class _EncoderRank:
+    """Rank 0's encoding side: text in a background thread, the I2V image once for the whole queue."""
+
+    def __init__(self, run: RunConfig, folder: Path, dtypes: Dtypes, metrics: RankMetrics, vae) -> None:
+        self.metrics = metrics
+        with metrics.timed("load_s"):
+            text_model = load_text_encoder(folder, dtypes.encoder, dtypes.encoder_device)
+            encoder = TextEncoder(load_tokenizer(folder), text_model, cache_dir=run.embedding_cache,
+                                  cache_key=str(folder.resolve()))
+        metrics.hold("text_encoder", parameter_bytes(text_model))
+        self.image_inputs: dict[str, torch.Tensor] = {}
+        if run.model.task == "i2v":
+            from diffusers.utils import load_image
+
+            with metrics.timed("load_s"):
+                image_encoder, processor = load_image_encoder(folder, dtypes.encoder, dtypes.encoder_device)
+            metrics.hold("image_encoder", parameter_bytes(image_encoder))
+            with metrics.timed("encode_s"):
+                image = load_image(run.image)
+                self.image_inputs = {
+                    "image_embeds": encode_image_embeds(image, image_encoder, processor),
+                    "condition": encode_image_condition(
+                        image, vae, height=run.height, width=run.width, num_frames=run.num_frames),
+                }
+            del image_encoder
+            metrics.release("image_encoder")
+        guided = run.guidance_scale > 1.0
+        jobs = [PromptJob(i, prompt, run.negative_prompt if guided else None)
+                for i, prompt in enumerate(read_prompts(run))]
+        self.remaining = len(jobs)
+        self._background = BackgroundEncoder(encoder, jobs)
+        self._results = iter(self._background)
+        del text_model, encoder  # the thread holds the only reference; it is freed when the queue is done
+
+    def next_inputs(self) -> tuple[PromptJob, dict[str, torch.Tensor]]:
+        job, tensors, seconds = next(self._results)
+        self.metrics.timings["encode_s"] = self.metrics.timings.get("encode_s", 0.0) + seconds
+        self.remaining -= 1
+        if self.remaining == 0:
+            self.close()
+        return job, {**tensors, **self.image_inputs}
+
+    def close(self) -> None:
+        if self._background is None:
+            return
+        self._background.close()
+        self._background = self._results = None
+        self.metrics.release("text_encoder")
+        gc.collect()
+
+
+def input_names(run: RunConfig) -> list[str]:
+    names = ["prompt_embeds"]
+    if run.guidance_scale > 1.0:
+        names.append("negative_prompt_embeds")
+    if run.model.task == "i2v":
+        names += ["image_embeds", "condition"]
+    return names
+
+
+def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] | None:
+    """Run the whole job; returns run.json's content on rank 0, None elsewhere."""
+    start = time.perf_counter()
+    rank, dims, device = session.rank, session.dims, session.device
+    folder = model_folder(run.model)
+    dtypes = resolve_dtypes(run, device)
+    prompts = read_prompts(run)
+    queued = run.prompts_file is not None
+    shape = latent_shape(read_component_config(folder, "vae"), height=run.height, width=run.width,
+                         num_frames=run.num_frames)
+    dit_config = read_component_config(folder, "transformer")
+    check_sequence_length(dims, shape.num_tokens(tuple(dit_config["patch_size"])))
+
+    is_dit = session.is_dit_rank
+    role = "+".join(r for r, on in (("encoders+vae", rank == 0), ("dit", is_dit)) if on)
+    metrics = RankMetrics(rank=rank, role=role, device=str(device))
+    other_dit_ranks = [r for r in dims.dit_ranks if r != 0]
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    vae = encoder_rank = None
+    if rank == 0:
+        with metrics.timed("load_s"):
+            vae = load_vae(folder, dtypes.vae, device)
+        metrics.hold("vae", parameter_bytes(vae))
+        encoder_rank = _EncoderRank(run, folder, dtypes, metrics, vae)
+
+    transformer = scheduler = None
+    if is_dit:
+        with metrics.timed("load_s", device):
+            transformer = load_transformer(folder, dtypes.dit, device)
+            apply_loras(transformer, list(run.lora))
+            scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
+        metrics.hold("dit", parameter_bytes(transformer))
+        parallelize_sequence(transformer, ulysses_group=session.group("ulysses"),
+                             ring_group=session.group("ring"), device=device)
+
+    names = input_names(run)
+    sent: deque[PendingSend] = deque()
+    ready: deque[tuple[PromptJob, dict[str, torch.Tensor]]] = deque()
+
+    def hand_over_next() -> None:
+        if encoder_rank is None or encoder_rank.remaining == 0:
+            return
+        job, tensors = encoder_rank.next_inputs()
+        ready.append((job, tensors))
+        if other_dit_ranks:
+            sent.append(send_tensors(tensors, other_dit_ranks, device))
+
+    videos = []
+    if rank == 0:
+        # With a stage split, video i+1 is handed over before video i is decoded, so the DiT ranks never
+        # wait for the decode.
+        for _ in range(2 if dims.stage_split else 1):
+            hand_over_next()
+    for index, prompt in enumerate(prompts):
+        latents = None
+        if is_dit:
+            tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device)
+            latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync)
+            if index == len(prompts) - 1:
+                del transformer
+                transformer = None
+                metrics.release("dit")
+                gc.collect()
+            if rank == dims.dit_leader and rank != 0:
+                send_tensors({"latents": latents}, [0], device).wait()
+        if rank == 0:
+            job, _ = ready.popleft()
+            if not is_dit:
+                latents = recv_tensors(["latents"], dims.dit_leader, device)["latents"]
+            hand_over_next()
+            video_name, frames_name = output_names(index, queued)
+            with metrics.timed("decode_s", device):
+                frames = decode_latents(latents, vae)
+            with metrics.timed("write_s"):
+                write_video(frames, out_dir / video_name, run.frame_rate)
+                if run.output.save_frames:
+                    write_frames(frames, out_dir / frames_name)
+            videos.append({"index": index, "prompt": job.prompt, "video": video_name,
+                           "frames": frames_name if run.output.save_frames else None,
+                           "shape": list(frames.shape)})
+            log.info("wrote %s", out_dir / video_name)
+    while sent:
+        sent.popleft().wait()
+    if encoder_rank is not None:
+        encoder_rank.close()
+    metrics.timings["total_s"] = time.perf_counter() - start
+    snapshots = session.gather_to_zero(metrics.snapshot(device))
+    if rank != 0:
+        return None
+    report = _report(run, session, snapshots, videos)
+    write_json(report, out_dir / "run.json")
+    return report
+
+
+def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync):
+    device, dims = session.device, session.dims
+    embeds = {name: tensor.to(device) for name, tensor in tensors.items()}
+    predictor = GuidedNoise(
+        transformer,
+        prompt_embeds=embeds["prompt_embeds"].to(dtypes.dit),
+        negative_prompt_embeds=embeds["negative_prompt_embeds"].to(dtypes.dit)
+        if "negative_prompt_embeds" in embeds else None,
+        image_embeds=embeds["image_embeds"].to(dtypes.dit) if "image_embeds" in embeds else None,
+        guidance_scale=run.guidance_scale,
+        cfg_group=session.group("cfg"),
+    )
+    with metrics.timed("denoise_s", device):
+        result = denoise(
+            latents=initial_noise(shape, run.seed, device), scheduler=scheduler, steps=run.steps,
+            predict_noise=predictor, model_dtype=dtypes.dit, condition=embeds.get("condition"),
+            show_progress=session.rank == dims.dit_leader, synchronize=sync,
+        )
+    metrics.step_seconds.append(result.step_seconds)
+    return result.latents
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"wan_dist": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _report(run: RunConfig, session: Session, snapshots: list[dict], videos: list[dict]) -> dict[str, Any]:
+    dims = session.dims
+    leader = snapshots[dims.dit_leader]
+    zero = snapshots[0]
+    steps = leader["step_seconds"]
+    timings = {
+        "load_s": max(s["timings"].get("load_s", 0.0) for s in snapshots),
+        "encode_s": zero["timings"].get("encode_s", 0.0),
+        "denoise_s": leader["timings"].get("denoise_s", 0.0),
+        "steps_s": steps[0] if len(steps) == 1 else steps,
+        "decode_s": zero["timings"].get("decode_s", 0.0),
+        "write_s": zero["timings"].get("write_s", 0.0),
+        "total_s": max(s["timings"].get("total_s", 0.0) for s in snapshots),
+    }
+    config = OmegaConf.to_container(OmegaConf.structured(run), resolve=True)
+    return {
+        "config": config,
+        "world_size": session.world_size,
+        "backend": session.backend,
+        "mesh": {"cfg": dims.cfg, "ring": dims.ring, "ulysses": dims.ulysses, "stage_split": dims.stage_split,
+                 "dit_ranks": dims.dit_ranks, "describe": dims.describe()},
+        "versions": _versions(),
+        "timings": timings,
+        "memory": [{k: v for k, v in s.items() if k not in ("timings", "step_seconds")} for s in snapshots],
+        "rank_timings": [s["timings"] for s in snapshots],
+        "videos": videos,
+    }

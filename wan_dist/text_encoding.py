@@ -1,0 +1,159 @@
+"""Prompt and image encoding on the encoder rank: UMT5 (CPU by default), the CLIP image encoder and the
+VAE-encoded first frame for I2V. Text is encoded in a background thread, ahead of the DiT, and the
+embeddings can be cached on disk by (model, prompt)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .loading import TEXT_MAX_TOKENS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptJob:
+    index: int
+    prompt: str
+    negative_prompt: str | None  # None when guidance is off: no unconditional branch to encode
+
+
+class TextEncoder:
+    """UMT5 embeddings exactly as diffusers' Wan pipelines make them: cleaned text, 512 tokens, the
+    embeddings past each prompt's length zeroed."""
+
+    def __init__(self, tokenizer, model, *, cache_dir: str | None = None, cache_key: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.model = model
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache_key = cache_key
+
+    def _cache_path(self, prompt: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        digest = hashlib.sha256(f"{self.cache_key}\0{self.model.dtype}\0{prompt}".encode()).hexdigest()
+        return self.cache_dir / f"{digest}.pt"
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """(1, 512, text_dim) on the CPU, in the encoder's dtype."""
+        path = self._cache_path(prompt)
+        if path is not None and path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        inputs = self.tokenizer(
+            [prompt_clean(prompt)], padding="max_length", max_length=TEXT_MAX_TOKENS, truncation=True,
+            add_special_tokens=True, return_attention_mask=True, return_tensors="pt",
+        )
+        device = next(self.model.parameters()).device
+        mask = inputs.attention_mask
+        hidden = self.model(inputs.input_ids.to(device), mask.to(device)).last_hidden_state.cpu()
+        length = int(mask.gt(0).sum())
+        embeds = torch.zeros_like(hidden)
+        embeds[:, :length] = hidden[:, :length]
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(embeds, tmp)
+            os.replace(tmp, path)
+        return embeds
+
+    def encode_job(self, job: PromptJob) -> dict[str, torch.Tensor]:
+        out = {"prompt_embeds": self.encode(job.prompt)}
+        if job.negative_prompt is not None:
+            out["negative_prompt_embeds"] = self.encode(job.negative_prompt)
+        return out
+
+
+class BackgroundEncoder:
+    """Encodes a queue of prompts in a thread, at most `ahead` results waiting, so the encoder (often on
+    CPU) works while the DiT denoises. Exceptions surface in the consumer."""
+
+    _DONE = object()
+
+    def __init__(self, encoder: TextEncoder, jobs: list[PromptJob], *, ahead: int = 2) -> None:
+        self._encoder = encoder
+        self._jobs = jobs
+        self._results: queue.Queue = queue.Queue(maxsize=ahead)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="text-encoder", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for job in self._jobs:
+                if self._stop.is_set():
+                    return
+                start = time.perf_counter()
+                tensors = self._encoder.encode_job(job)
+                self._put((job, tensors, time.perf_counter() - start))
+        except BaseException as error:  # re-raised in the consumer's thread
+            self._put(error)
+        self._put(self._DONE)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator[tuple[PromptJob, dict[str, torch.Tensor], float]]:
+        while True:
+            item = self._results.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@torch.no_grad()
+def encode_image_embeds(image, image_encoder, image_processor) -> torch.Tensor:
+    """CLIP penultimate hidden states, as diffusers' WanImageToVideoPipeline.encode_image."""
+    device = next(image_encoder.parameters()).device
+    inputs = image_processor(images=image, return_tensors="pt").to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(image_encoder.dtype)
+    return image_encoder(**inputs, output_hidden_states=True).hidden_states[-2].cpu()
+
+
+@torch.no_grad()
+def encode_image_condition(image, vae, *, height: int, width: int, num_frames: int) -> torch.Tensor:
+    """The I2V conditioning latents (mask channels + VAE-encoded first frame), as diffusers'
+    WanImageToVideoPipeline.prepare_latents builds them. (1, 4 + z_dim, latent_frames, h, w), fp32, CPU."""
+    from diffusers.video_processor import VideoProcessor
+
+    temporal = vae.config.scale_factor_temporal
+    spatial = vae.config.scale_factor_spatial
+    device = next(vae.parameters()).device
+    pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
+    pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
+    video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
+    latent = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latent)
+    latent = (latent - mean) * inv_std
+
+    latent_frames, lh, lw = latent.shape[2:]
+    mask = torch.ones(1, 1, num_frames, lh, lw)
+    mask[:, :, 1:] = 0
+    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+    mask = torch.cat([first, mask[:, :, 1:]], dim=2)
+    mask = mask.view(1, -1, temporal, lh, lw).transpose(1, 2)
+    return torch.cat([mask.to(latent), latent], dim=1).cpu()
