@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight Wan folders built with diffusers/transformers classes and saved in
+diffusers format, so every test loads them through the project's real loading code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from wan_dist.loading import TinySpec, build_tiny_model  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def t2v_folder(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_t2v"), TinySpec(task="t2v"))
+
+
+@pytest.fixture(scope="session")
+def i2v_folder(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_i2v"), TinySpec(task="i2v"))
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    pixels = (np.random.RandomState(0).rand(50, 70, 3) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("image") / "input.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def lora_path(tmp_path_factory, t2v_folder) -> Path:
+    """A random diffusers-format LoRA (rank 4) on the DiT's attention projections."""
+    return write_random_lora(t2v_folder, tmp_path_factory.mktemp("lora") / "lora.safetensors")
+
+
+def write_random_lora(folder: Path, path: Path, rank: int = 4, seed: int = 1) -> Path:
+    from safetensors.torch import save_file
+
+    from wan_dist.loading import read_component_config
+
+    config = read_component_config(folder, "transformer")
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for block in range(config["num_layers"]):
+        for attn in ("attn1", "attn2"):
+            for proj in ("to_q", "to_k", "to_v", "to_out.0"):
+                prefix = f"transformer.blocks.{block}.{attn}.{proj}"
+                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, inner, generator=generator) * 0.3
+                tensors[f"{prefix}.lora_B.weight"] = torch.randn(inner, rank, generator=generator) * 0.3
+    save_file(tensors, str(path))
+    return path

@@ -1,0 +1,68 @@
+"""Running `wan_dist.runner.generate` for several parallel layouts inside one spawned world, so the
+process start cost is paid once per world size."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from wan_dist.config import LoraConfig, RunConfig, validate_run
+from wan_dist.parallel_dims import ParallelDims
+from wan_dist.runner import generate
+from wan_dist.session import RankEnv, Session
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    folder: str
+    cfg: int = 1
+    ring: int = 1
+    ulysses: int = 1
+    stage_split: bool = False
+    image: str | None = None
+    prompt: str = "a lighthouse at dusk, waves"
+    negative_prompt: str = "blurry"
+    prompts_file: str | None = None
+    height: int = 48
+    width: int = 80
+    num_frames: int = 9
+    steps: int = 3
+    guidance_scale: float = 5.0
+    scheduler: str = "unipc"
+    lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+
+    def run_config(self, out_dir: Path) -> RunConfig:
+        run = RunConfig()
+        run.model.preset = "tiny_i2v" if self.image else "tiny"
+        run.model.path = self.folder
+        run.prompt, run.negative_prompt, run.image = self.prompt, self.negative_prompt, self.image
+        run.prompts_file = self.prompts_file
+        run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
+        run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
+        run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
+        run.output.dir = str(out_dir)
+        run.output.save_frames = True
+        validate_run(run)
+        return run
+
+    def reference_kwargs(self) -> dict:
+        return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
+                    height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
+                    guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora)
+
+
+def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> list[dict | None]:
+    """Body of a spawned rank (the process group is already up): one session per case on that group."""
+    env = RankEnv(rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1", master_port=0,
+                  launcher="test")
+    reports = []
+    for case in cases:
+        dims = ParallelDims(cfg=case.cfg, ring=case.ring, ulysses=case.ulysses, stage_split=case.stage_split,
+                            world_size=world_size)
+        session = Session(env=env, device=torch.device("cpu"), dims=dims, mesh=dims.build_mesh("cpu"))
+        out_dir = Path(out_root) / case.name
+        reports.append(generate(case.run_config(out_dir), session, out_dir))
+    return reports

@@ -1,0 +1,53 @@
+"""diffusers' own single-process pipelines: the reference every mode is compared with."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOLERANCE = 1e-4
+
+
+@lru_cache(maxsize=32)
+def reference_frames(
+    folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None, height: int = 48,
+    width: int = 80, num_frames: int = 9, steps: int = 3, guidance_scale: float = 5.0, flow_shift: float = 3.0,
+    seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (),
+) -> np.ndarray:
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
+    from diffusers import WanPipeline
+
+    cls = WanImageToVideoPipeline if image else WanPipeline
+    pipe = cls.from_pretrained(folder, dtype=torch.float32)
+    if scheduler == "euler":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=flow_shift)
+    else:
+        pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+    if lora:
+        names = []
+        for i, (path, _) in enumerate(lora):
+            pipe.load_lora_weights(path, adapter_name=f"ref_{i}")
+            names.append(f"ref_{i}")
+        pipe.set_adapters(names, [scale for _, scale in lora])
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(
+        prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
+        num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(seed),
+    )
+    if image:
+        from diffusers.utils import load_image
+
+        kwargs["image"] = load_image(image)
+    with torch.no_grad():
+        return pipe(**kwargs).frames[0].astype(np.float32)
+
+
+def max_abs_error(ours: np.ndarray | str | Path, reference: np.ndarray) -> float:
+    if not isinstance(ours, np.ndarray):
+        ours = np.load(ours)
+    assert ours.shape == reference.shape, (ours.shape, reference.shape)
+    return float(np.abs(ours - reference).max())
