@@ -21,6 +21,7 @@ class RankMetrics:
     timings: dict[str, float] = field(default_factory=dict)
     step_seconds: list[list[float]] = field(default_factory=list)
     peak_parameter_bytes: int = 0
+    loaded: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
     def timed(self, name: str, device: torch.device | None = None) -> Iterator[None]:
@@ -34,6 +35,7 @@ class RankMetrics:
 
     def hold(self, component: str, nbytes: int) -> None:
         self.parameter_bytes[component] = nbytes
+        self.loaded[component] = nbytes
         self.note_peak()
 
     def release(self, component: str) -> None:
@@ -42,8 +44,8 @@ class RankMetrics:
     def snapshot(self, device: torch.device) -> dict:
         return {
             "rank": self.rank, "role": self.role, "device": self.device,
-            "parameter_bytes": dict(self.parameter_bytes),
-            "parameter_bytes_total": sum(self.parameter_bytes.values()),
+            "loaded_parameter_bytes": dict(self.loaded),
+            "held_parameter_bytes_at_end": dict(self.parameter_bytes),
             "peak_parameter_bytes": self.peak_parameter_bytes,
             "peak_bytes": peak_memory_bytes(device), "peak_kind": peak_kind(device),
             "timings": dict(self.timings),

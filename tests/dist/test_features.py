@@ -1,0 +1,82 @@
+"""LoRA, the Euler sampler, no guidance and prompt queues, each against diffusers; and what run.json
+says about who holds which weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.dist_utils import run_on_ranks
+from tests.modes import Case, run_cases
+from tests.reference import TOLERANCE, max_abs_error, reference_frames
+
+QUEUE = ["a red kite over a beach", "snow falling on a quiet street", "a bowl of ripe oranges"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("queue") / "prompts.txt"
+    path.write_text("\n".join(QUEUE[:1] + [""] + QUEUE[1:]) + "\n")  # blank lines are skipped
+    return path
+
+
+@pytest.fixture(scope="module")
+def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
+    root = tmp_path_factory.mktemp("features")
+    folder = str(t2v_folder)
+    lora = ((str(lora_path), 0.7),)
+    worlds = {
+        1: [Case("lora", folder, lora=lora), Case("euler", folder, scheduler="euler"),
+            Case("no_guidance", folder, guidance_scale=1.0), Case("queue_single", folder, prompts_file=str(prompts_file))],
+        2: [Case("queue_stage_split", folder, stage_split=True, prompts_file=str(prompts_file)),
+            Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0)],
+    }
+    results = {}
+    for world, cases in worlds.items():
+        run_on_ranks(world, run_cases, cases, str(root), timeout=600)
+        results.update({case.name: (case, root / case.name) for case in cases})
+    return results
+
+
+@pytest.mark.parametrize("name", ["lora", "euler", "no_guidance", "lora_cfg", "no_guidance_ulysses"])
+def test_feature_matches_diffusers(feature_results, name):
+    case, out_dir = feature_results[name]
+    error = max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **case.reference_kwargs()))
+    assert error <= TOLERANCE, f"{name}: {error:.3g}"
+
+
+def test_lora_changes_the_video(feature_results):
+    case, out_dir = feature_results["lora"]
+    without = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": ()})
+    assert max_abs_error(out_dir / "frames.npy", without) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["queue_single", "queue_stage_split"])
+def test_prompt_queue_one_video_per_line(feature_results, name):
+    case, out_dir = feature_results[name]
+    report = json.loads((out_dir / "run.json").read_text())
+    assert [video["prompt"] for video in report["videos"]] == QUEUE
+    for index, prompt in enumerate(QUEUE):
+        assert (out_dir / f"video_{index}.mp4").stat().st_size > 0
+        reference = reference_frames(case.folder, **{**case.reference_kwargs(), "prompt": prompt})
+        error = max_abs_error(out_dir / f"frames_{index}.npy", reference)
+        assert error <= TOLERANCE, f"{name} video {index}: {error:.3g}"
+    assert not (out_dir / "video.mp4").exists()
+
+
+def test_stage_split_memory_report(feature_results):
+    """The encoder/VAE rank never holds DiT weights and the DiT rank never holds encoder or VAE weights."""
+    _, out_dir = feature_results["queue_stage_split"]
+    report = json.loads((out_dir / "run.json").read_text())
+    assert report["mesh"]["stage_split"] is True and report["mesh"]["dit_ranks"] == [1]
+    zero, dit = report["memory"]
+    assert set(zero["loaded_parameter_bytes"]) == {"vae", "text_encoder"}
+    assert set(dit["loaded_parameter_bytes"]) == {"dit"}
+    assert dit["held_parameter_bytes_at_end"] == {}  # released after the last video
+    assert all(m["peak_bytes"] > 0 for m in report["memory"])
+    timings = report["timings"]
+    assert len(timings["steps_s"]) == len(QUEUE) and all(len(s) == 3 for s in timings["steps_s"])
+    for key in ("load_s", "encode_s", "denoise_s", "decode_s", "total_s"):
+        assert timings[key] > 0, key
