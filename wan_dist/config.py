@@ -45,7 +45,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "tiny"
     path: str | None = None
-    # Filled by the preset for the tiny models (built locally); read from the folder otherwise.
+    # Derived, not chosen: read from model.path's model_index.json, or from the tiny preset's name.
     task: str | None = None
     dit_dtype: str = "auto"
     vae_dtype: str = "fp32"
@@ -111,7 +111,11 @@ def read_task_from_folder(path: str) -> str:
     index = Path(path) / "model_index.json"
     if not index.is_file():
         _fail("model.path", path, "a diffusers-format folder with a model_index.json")
-    class_name = json.loads(index.read_text()).get("_class_name")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ConfigError(f"model.path={path!r} is not allowed: its model_index.json is not valid JSON "
+                          f"({error})") from None
     if class_name not in PIPELINE_TASKS:
         _fail("model.path", path, f"a Wan2.1 folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, "
               f"not {class_name!r}")
@@ -143,9 +147,13 @@ def validate_run(run: RunConfig) -> None:
         if not Path(m.path).is_dir():
             _fail("model.path", m.path, "an existing local folder")
         task = read_task_from_folder(m.path)
-        if m.task and m.task != task:
-            _fail("model.task", m.task, f"the folder's task, {task!r} (read from {m.path}/model_index.json)")
-        m.task = task
+        source = f"the folder's task, {task!r} (read from {m.path}/model_index.json)"
+    else:
+        task = "i2v" if m.preset == "tiny_i2v" else "t2v"
+        source = f"{task!r}, the task of model={m.preset}"
+    if m.task is not None and m.task != task:
+        _fail("model.task", m.task, f"unset or {source}")
+    m.task = task
     if m.task not in TASKS:
         _fail("model.task", m.task, f"one of {TASKS}")
     for key in ("dit_dtype", "vae_dtype", "text_encoder_dtype"):
@@ -182,9 +190,11 @@ def validate_run(run: RunConfig) -> None:
         _fail("flow_shift", run.flow_shift, "a positive number (3.0 at 480p, 5.0 at 720p)")
     if run.scheduler not in SCHEDULERS:
         _fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
-    if p.cfg_degree == 2 and run.guidance_scale <= 1:
-        _fail("parallel.cfg_degree", 2, f"1 when guidance_scale={run.guidance_scale} (no guidance, so no "
-              "unconditional branch to put on a second rank)")
+    if (p.cfg_degree == 2 or (p.cfg_degree is None and p.preset in ("cfg", "cfg_usp"))) \
+            and run.guidance_scale <= 1:
+        key, value = ("parallel", p.preset) if p.cfg_degree is None else ("parallel.cfg_degree", 2)
+        _fail(key, value, f"a split without a cfg axis when guidance_scale={run.guidance_scale} (no guidance, "
+              "so no unconditional branch to put on a second rank)")
 
     if m.task == "i2v":
         if not run.image:

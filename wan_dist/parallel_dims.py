@@ -114,6 +114,11 @@ def resolve_parallel_dims(
             "encoders and VAE and at least one for the DiT (start with torchrun --nproc_per_node=2 or more)"
         )
     dit_world = world_size - int(stage_split)
+    if degrees["cfg"] == 2 and guidance_scale <= 1:
+        key = "parallel.cfg_degree" if explicit["cfg"] is not None else "parallel"
+        value = degrees["cfg"] if explicit["cfg"] is not None else p.preset
+        raise ConfigError(f"{key}={value!r} is not allowed with guidance_scale={guidance_scale}: without "
+                          "guidance there is no unconditional branch for a cfg axis of 2")
 
     if degrees["cfg"] is None:
         fixed = (degrees["ulysses"] or 1) * (degrees["ring"] or 1)

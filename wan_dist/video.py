@@ -47,7 +47,11 @@ def write_video(frames: np.ndarray, path: Path, frame_rate: int) -> Path:
 
 
 def write_frames(frames: np.ndarray, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: np.save(tmp, frames.astype(np.float32)))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle, so np.save adds no ".npy" to the temp name
+            np.save(handle, frames.astype(np.float32))
+
+    return _atomic_write(path, write)
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:

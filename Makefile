@@ -1,0 +1,40 @@
+# wan_dist: `make run` and `make test` set everything up on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCHRUN := $(VENV)/bin/torchrun
+NPROC  ?= 2
+ARGS   ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test test-gpu bench sweep clean
+
+install: $(STAMP)
+
+# torch==2.13.0 is pinned in pyproject.toml: where a local CPU build of it is on pip's find-links (these
+# CPU machines) pip takes it (2.13.0+cpu sorts above 2.13.0); on a GPU machine the same pin is the CUDA
+# build from PyPI.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,plot]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
+
+bench: $(STAMP)
+	$(PY) launch/bench.py $(ARGS)
+
+# Every parallel preset that fits $(NPROC) ranks, as one Hydra multirun under torchrun.
+sweep: $(STAMP)
+	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py -m parallel=cfg,ulysses,ring,stage_split $(ARGS)
+
+clean:
+	rm -rf outputs multirun bench_results .pytest_cache
