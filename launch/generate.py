@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def main(cfg: DictConfig) -> None:
                                                 guidance_scale=run.guidance_scale),
             timeout_s=run.parallel.timeout_s, env=env,
         ) as session:
+            # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
             out_dir = Path(session.agree(run.output.dir or HydraConfig.get().runtime.output_dir))
+            # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
+            run.seed = session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31))
             if session.rank == 0:
                 log.info("%d rank(s): %s; outputs in %s", session.world_size, session.dims.describe(), out_dir)
                 model_folder(run.model)  # builds the tiny model once, before the other ranks read it

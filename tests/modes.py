@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from wan_dist.config import LoraConfig, RunConfig, validate_run
 from wan_dist.parallel_dims import ParallelDims
@@ -33,6 +34,7 @@ class Case:
     guidance_scale: float = 5.0
     scheduler: str = "unipc"
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    dit_dtype: str = "auto"
 
     def run_config(self, out_dir: Path) -> RunConfig:
         run = RunConfig()
@@ -43,6 +45,7 @@ class Case:
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
         run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
         run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
+        run.model.dit_dtype = self.dit_dtype
         run.output.dir = str(out_dir)
         run.output.save_frames = True
         validate_run(run)
@@ -58,11 +61,13 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> l
     """Body of a spawned rank (the process group is already up): one session per case on that group."""
     env = RankEnv(rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1", master_port=0,
                   launcher="test")
+    # nccl worlds (the GPU tests) pin rank i to GPU i; gloo worlds run on the CPU.
+    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
     reports = []
     for case in cases:
         dims = ParallelDims(cfg=case.cfg, ring=case.ring, ulysses=case.ulysses, stage_split=case.stage_split,
                             world_size=world_size)
-        session = Session(env=env, device=torch.device("cpu"), dims=dims, mesh=dims.build_mesh("cpu"))
+        session = Session(env=env, device=device, dims=dims, mesh=dims.build_mesh(device.type))
         out_dir = Path(out_root) / case.name
         reports.append(generate(case.run_config(out_dir), session, out_dir))
     return reports

@@ -188,6 +188,8 @@ def validate_run(run: RunConfig) -> None:
         _fail("guidance_scale", run.guidance_scale, "a number >= 0 (guidance is used when > 1)")
     if run.flow_shift <= 0:
         _fail("flow_shift", run.flow_shift, "a positive number (3.0 at 480p, 5.0 at 720p)")
+    if run.seed < -1:
+        _fail("seed", run.seed, "a non-negative integer, or -1 for a random seed (recorded in run.json)")
     if run.scheduler not in SCHEDULERS:
         _fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
     if (p.cfg_degree == 2 or (p.cfg_degree is None and p.preset in ("cfg", "cfg_usp"))) \

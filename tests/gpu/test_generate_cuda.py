@@ -1,0 +1,46 @@
+"""The whole pipeline on CUDA with nccl: the tiny models against diffusers' CPU fp32 reference.
+
+fp32 DiT: close to the CPU result (cuDNN may use TF32 in the VAE convolutions, hence 5e-3); bf16 DiT
+(the GPU default): within bf16 noise. Layouts on two GPUs when there are two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_utils import run_on_ranks
+from tests.modes import Case, run_cases
+from tests.reference import max_abs_error, reference_frames
+
+pytestmark = pytest.mark.gpu
+FP32_TOLERANCE, BF16_TOLERANCE = 5e-3, 5e-2
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _check(cases, root, tolerance):
+    for case in cases:
+        reference = reference_frames(case.folder, **case.reference_kwargs())
+        error = max_abs_error(root / case.name / "frames.npy", reference)
+        assert error <= tolerance, f"{case.name}: {error:.3g}"
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")
+def test_single_gpu_fp32_and_bf16(t2v_folder, i2v_folder, image_path, tmp_path):
+    fp32 = [Case("t2v_fp32", str(t2v_folder), dit_dtype="fp32"),
+            Case("i2v_fp32", str(i2v_folder), image=str(image_path), dit_dtype="fp32")]
+    bf16 = [Case("t2v_bf16", str(t2v_folder)), Case("i2v_bf16", str(i2v_folder), image=str(image_path))]
+    run_on_ranks(1, run_cases, fp32 + bf16, str(tmp_path), backend="nccl", timeout=600)
+    _check(fp32, tmp_path, FP32_TOLERANCE)
+    _check(bf16, tmp_path, BF16_TOLERANCE)
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA devices")
+def test_two_gpu_layouts(t2v_folder, tmp_path):
+    cases = [Case(name, str(t2v_folder), dit_dtype="fp32", **layout) for name, layout in
+             (("cfg", dict(cfg=2)), ("ulysses", dict(ulysses=2)), ("ring", dict(ring=2)),
+              ("stage_split", dict(stage_split=True)))]
+    run_on_ranks(2, run_cases, cases, str(tmp_path), backend="nccl", timeout=600)
+    _check(cases, tmp_path, FP32_TOLERANCE)
