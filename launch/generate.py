@@ -71,4 +71,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if rank_env().rank != 0:
+        # Only rank 0 records the composed config; the others would write the same .hydra files at once.
+        sys.argv.append("hydra.output_subdir=null")
     main()
