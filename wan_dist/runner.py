@@ -12,11 +12,10 @@ import logging
 import platform
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -178,7 +177,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         # wait for the decode.
         for _ in range(2 if dims.stage_split else 1):
             hand_over_next()
-    for index, prompt in enumerate(prompts):
+    for index in range(len(prompts)):
         latents = None
         if is_dit:
             tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device)

@@ -130,7 +130,7 @@ def init_process_group(env: RankEnv, device: torch.device, timeout_s: float) -> 
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     dist.init_process_group(
-        backend, init_method=f"env://", rank=env.rank, world_size=env.world_size, timeout=timeout,
+        backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
 

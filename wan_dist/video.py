@@ -35,6 +35,9 @@ def write_video(frames: np.ndarray, path: Path, frame_rate: int) -> Path:
     """H.264 mp4 through imageio-ffmpeg's bundled ffmpeg; frames (F, H, W, 3) float in [0, 1]."""
     import imageio.v2 as imageio
 
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3), got shape {frames.shape}")
+
     def write(tmp: Path) -> None:
         # macro_block_size=1 keeps small sizes exact instead of resizing them to multiples of 16.
         with imageio.get_writer(tmp, fps=frame_rate, codec="libx264", format="FFMPEG", macro_block_size=1,

@@ -73,7 +73,7 @@ def test_write_video_single_frame_and_nested_dir(tmp_path):
 
 
 def test_write_video_failure_leaves_nothing(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="F, H, W, 3"):
         write_video(np.zeros((4, 8), dtype=np.float32), tmp_path / "video.mp4", frame_rate=16)
     assert list(tmp_path.iterdir()) == []
 
@@ -81,7 +81,7 @@ def test_write_video_failure_leaves_nothing(tmp_path):
 def test_write_video_failure_keeps_previous_video(tmp_path):
     path = write_video(ramp_frames(5, 32, 32), tmp_path / "video.mp4", frame_rate=16)
     before = path.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         write_video(np.zeros((5, 32), dtype=np.float32), path, frame_rate=16)
     assert path.read_bytes() == before
     assert leftovers(tmp_path, "video.mp4") == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from wan_dist.config import ConfigError, ParallelConfig
@@ -262,7 +264,7 @@ def test_parallel_dims_refuses_bad_degrees(kwargs, fragment):
 
 def test_parallel_dims_is_frozen():
     dims = ParallelDims(cfg=1, ring=1, ulysses=1, stage_split=False, world_size=1)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         dims.cfg = 2  # type: ignore[misc]
 
 
