@@ -2,7 +2,7 @@
 
     python launch/generate.py prompt="..."                         # a world of one
     torchrun --nproc_per_node=2 launch/generate.py prompt="..."    # two ranks, split chosen by parallel=
-    srun python launch/generate.py ...                             # Slurm, one task per GPU
+    srun -K python launch/generate.py ...                          # Slurm, one task per GPU
 """
 
 from __future__ import annotations
@@ -55,9 +55,11 @@ def main(cfg: DictConfig) -> None:
             lambda world: resolve_parallel_dims(run.parallel, world_size=world, num_heads=dit_num_heads(run.model),
                                                 guidance_scale=run.guidance_scale),
             timeout_s=run.parallel.timeout_s, env=env,
+            store_prefix=f"wan_dist/job{OmegaConf.select(HydraConfig.get(), 'job.num', default=0)}",
         ) as session:
             # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
             out_dir = Path(session.agree(run.output.dir or HydraConfig.get().runtime.output_dir))
+            run.output.dir = str(out_dir)  # recorded in run.json
             # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
             run.seed = session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31))
             if session.rank == 0:

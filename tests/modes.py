@@ -12,7 +12,7 @@ import torch.distributed as dist
 from wan_dist.config import LoraConfig, RunConfig, validate_run
 from wan_dist.parallel_dims import ParallelDims
 from wan_dist.runner import generate
-from wan_dist.session import RankEnv, Session
+from wan_dist.session import RankEnv, build_session
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> l
     for case in cases:
         dims = ParallelDims(cfg=case.cfg, ring=case.ring, ulysses=case.ulysses, stage_split=case.stage_split,
                             world_size=world_size)
-        session = Session(env=env, device=device, dims=dims, mesh=dims.build_mesh(device.type))
+        session = build_session(env, device, dims)
         out_dir = Path(out_root) / case.name
         reports.append(generate(case.run_config(out_dir), session, out_dir))
     return reports

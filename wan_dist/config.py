@@ -119,6 +119,13 @@ def read_task_from_folder(path: str) -> str:
     if class_name not in PIPELINE_TASKS:
         _fail("model.path", path, f"a Wan2.1 folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, "
               f"not {class_name!r}")
+    index_data = json.loads(index.read_text())
+    # Wan2.2's two-expert (transformer_2 / boundary_ratio) and TI2V (expand_timesteps) folders share the
+    # pipeline classes but sample differently; running them as Wan2.1 would be silently wrong.
+    wan22 = [key for key in ("transformer_2", "boundary_ratio", "expand_timesteps")
+             if index_data.get(key) not in (None, False, [None, None])]
+    if wan22:
+        _fail("model.path", path, f"a Wan2.1 folder (this one has Wan2.2's {', '.join(wan22)})")
     return PIPELINE_TASKS[class_name]
 
 
@@ -130,6 +137,37 @@ def read_prompts(run: RunConfig) -> list[str]:
             _fail("prompts_file", run.prompts_file, "a file with at least one non-empty line")
         return prompts
     return [run.prompt]
+
+
+def _check_lora_keys(key: str, path: str) -> None:
+    """Key names only (the header), so a wrong file is refused before any weight is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            names = list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for a corrupt header
+        _fail(key, path, f"a readable safetensors file ({error})")
+    markers = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", ".diff")
+    if not any(marker in name for name in names for marker in markers):
+        _fail(key, path, "a LoRA file (lora_A/lora_B or lora_down/lora_up weights); this one has none")
+
+
+def check_model_limits(run: RunConfig, vae_config: dict, dit_config: dict) -> None:
+    """Limits that come from the model folder's configs (read once the folder exists, before weights)."""
+    spatial = vae_config.get("scale_factor_spatial", 8)
+    _, patch_h, patch_w = dit_config.get("patch_size", (1, 2, 2))
+    for key, value, patch in (("height", run.height, patch_h), ("width", run.width, patch_w)):
+        if value % (spatial * patch):
+            _fail(key, value, f"a multiple of {spatial * patch} for this model (VAE x{spatial}, patch {patch})")
+    temporal = vae_config.get("scale_factor_temporal", 4)
+    rope = dit_config.get("rope_max_seq_len", 1024)
+    sizes = {"num_frames": (run.num_frames - 1) // temporal + 1, "height": run.height // spatial // patch_h,
+             "width": run.width // spatial // patch_w}
+    for key, size in sizes.items():
+        if size > rope:
+            _fail(key, getattr(run, key), f"at most {rope} positions after patching for this model's rotary "
+                  f"embeddings (it gives {size})")
 
 
 def validate_run(run: RunConfig) -> None:
@@ -188,7 +226,7 @@ def validate_run(run: RunConfig) -> None:
         _fail("guidance_scale", run.guidance_scale, "a number >= 0 (guidance is used when > 1)")
     if run.flow_shift <= 0:
         _fail("flow_shift", run.flow_shift, "a positive number (3.0 at 480p, 5.0 at 720p)")
-    if run.seed < -1:
+    if run.seed < -1 or run.seed >= 2**63:
         _fail("seed", run.seed, "a non-negative integer, or -1 for a random seed (recorded in run.json)")
     if run.scheduler not in SCHEDULERS:
         _fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
@@ -203,6 +241,13 @@ def validate_run(run: RunConfig) -> None:
             _fail("image", run.image, "a path to an existing image file: the model is image-to-video")
         if not Path(run.image).is_file():
             _fail("image", run.image, "a path to an existing image file")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(run.image) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError) as error:
+            _fail("image", run.image, f"an image file PIL can read ({error})")
     elif run.image:
         _fail("image", run.image, "unset: the model is text-to-video (pass an image only to an i2v model)")
 
@@ -218,6 +263,7 @@ def validate_run(run: RunConfig) -> None:
             _fail(f"lora[{i}].path", lora.path, "an existing local .safetensors file")
         if not str(lora.path).endswith(".safetensors"):
             _fail(f"lora[{i}].path", lora.path, "a .safetensors file")
+        _check_lora_keys(f"lora[{i}].path", lora.path)
     if run.output.dir is not None and Path(run.output.dir).exists() and not Path(run.output.dir).is_dir():
         _fail("output.dir", run.output.dir, "a folder (it exists as a file)")
     if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import platform
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from . import __version__
 from .cfg_parallel import GuidedNoise
-from .config import RunConfig, read_prompts
+from .config import ConfigError, RunConfig, check_model_limits, read_prompts
 from .decode import decode_latents
 from .loading import (
     apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
@@ -133,7 +134,9 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     queued = run.prompts_file is not None
     shape = latent_shape(read_component_config(folder, "vae"), height=run.height, width=run.width,
                          num_frames=run.num_frames)
-    dit_config = read_component_config(folder, "transformer")
+    _check_writable(session, out_dir)
+    vae_config, dit_config = read_component_config(folder, "vae"), read_component_config(folder, "transformer")
+    check_model_limits(run, vae_config, dit_config)
     check_sequence_length(dims, shape.num_tokens(tuple(dit_config["patch_size"])))
 
     is_dit = session.is_dit_rank
@@ -169,7 +172,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         job, tensors = encoder_rank.next_inputs()
         ready.append((job, tensors))
         if other_dit_ranks:
-            sent.append(send_tensors(tensors, other_dit_ranks, device))
+            sent.append(send_tensors(tensors, other_dit_ranks, device, session.inputs_group))
 
     videos = []
     if rank == 0:
@@ -180,7 +183,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     for index in range(len(prompts)):
         latents = None
         if is_dit:
-            tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device)
+            tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device, session.inputs_group)
             latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync)
             if index == len(prompts) - 1:
                 del transformer
@@ -188,11 +191,11 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
                 metrics.release("dit")
                 gc.collect()
             if rank == dims.dit_leader and rank != 0:
-                send_tensors({"latents": latents}, [0], device).wait()
+                send_tensors({"latents": latents}, [0], device, session.latents_group).wait()
         if rank == 0:
             job, _ = ready.popleft()
             if not is_dit:
-                latents = recv_tensors(["latents"], dims.dit_leader, device)["latents"]
+                latents = recv_tensors(["latents"], dims.dit_leader, device, session.latents_group)["latents"]
             hand_over_next()
             video_name, frames_name = output_names(index, queued)
             with metrics.timed("decode_s", device):
@@ -216,6 +219,21 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     report = _report(run, session, snapshots, videos)
     write_json(report, out_dir / "run.json")
     return report
+
+
+def _check_writable(session: Session, out_dir: Path) -> None:
+    """Rank 0 writes the outputs: find out now, not after the denoise, and stop every rank alike."""
+    problem = None
+    if session.rank == 0:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
+                pass
+        except OSError as error:
+            problem = f"output.dir={str(out_dir)!r} is not allowed: a folder this user can write ({error})"
+    problem = session.agree(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync):

@@ -54,10 +54,13 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # Only an srun step's tasks are ranks: the batch script itself also sees SLURM_PROCID=0 and the job's
+    # SLURM_NTASKS, and would wait forever for peers that never start. Steps carry SLURM_STEP_ID.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         job_id = int(env.get("SLURM_JOB_ID", "0"))
         return RankEnv(
-            rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS", "1")),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # One port per job, so two jobs sharing a node do not collide.
@@ -73,6 +76,11 @@ class Session:
     device: torch.device
     dims: ParallelDims
     mesh: DeviceMesh
+    # Point-to-point traffic runs on two groups of its own: inputs out of rank 0 and latents back to it.
+    # On nccl, sends and receives between two ranks on one communicator complete in issue order, so
+    # rank 0 handing over video i+1 while the DiT leader hands back video i would deadlock on one group.
+    inputs_group: dist.ProcessGroup | None = None
+    latents_group: dist.ProcessGroup | None = None
 
     @property
     def rank(self) -> int:
@@ -120,7 +128,7 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(env: RankEnv, device: torch.device, timeout_s: float) -> None:
+def init_process_group(env: RankEnv, device: torch.device, timeout_s: float, store_prefix: str = "") -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1 and env.launcher == "python":
@@ -129,15 +137,38 @@ def init_process_group(env: RankEnv, device: torch.device, timeout_s: float) -> 
         return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
+    store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
+    if store_prefix:
+        # Under torchrun the store outlives a process group (it is the agent's): a Hydra multirun that
+        # starts a group per job must not read the previous job's addresses.
+        store = dist.PrefixStore(store_prefix, store)
     dist.init_process_group(
-        backend, init_method="env://", rank=env.rank, world_size=env.world_size, timeout=timeout,
+        backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
 
 
+def build_session(env: RankEnv, device: torch.device, dims: ParallelDims) -> Session:
+    """Mesh and point-to-point groups on an initialized process group; collective: every rank calls it."""
+    mesh = dims.build_mesh(device.type)
+    ranks = list(range(env.world_size))
+    return Session(env=env, device=device, dims=dims, mesh=mesh,
+                   inputs_group=dist.new_group(ranks), latents_group=dist.new_group(ranks))
+
+
+def _abandon_process_group() -> None:
+    """After a failure: nccl's orderly destroy can block on the peers' unmatched operations, and a rank
+    that never exits keeps torchrun/srun from stopping the others. Abort instead; gloo destroys fine."""
+    if dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 @contextmanager
 def distributed_session(
-    resolve_dims: Callable[[int], ParallelDims], *, timeout_s: float, env: RankEnv | None = None
+    resolve_dims: Callable[[int], ParallelDims], *, timeout_s: float, env: RankEnv | None = None,
+    store_prefix: str = "",
 ) -> Iterator[Session]:
     """Start the process group, agree on the split, build the mesh; always tear down.
 
@@ -146,12 +177,14 @@ def distributed_session(
     """
     env = env or rank_env()
     device = pick_device(env.local_rank)
-    init_process_group(env, device, timeout_s)
+    init_process_group(env, device, timeout_s, store_prefix)
     try:
         dims = resolve_dims(env.world_size)
-        mesh = dims.build_mesh(device.type)
         log.debug("rank %d on %s (%s), mesh %s", env.rank, device, socket.gethostname(), dims.describe())
-        yield Session(env=env, device=device, dims=dims, mesh=mesh)
-    finally:
+        yield build_session(env, device, dims)
+    except BaseException:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            _abandon_process_group()
+        raise
+    else:
+        dist.destroy_process_group()

@@ -41,22 +41,26 @@ class PendingSend:
 
 
 def send_tensors(
-    tensors: dict[str, torch.Tensor], dst_ranks: list[int], device: torch.device
+    tensors: dict[str, torch.Tensor], dst_ranks: list[int], device: torch.device,
+    group: dist.ProcessGroup | None = None,
 ) -> PendingSend:
-    """Send `tensors` (in key order) to each rank of `dst_ranks`; returns without waiting."""
+    """Send `tensors` (in key order) to each (global) rank of `dst_ranks` over `group`, which must span
+    all ranks; returns without waiting."""
     values = [tensors[name].detach().to(device).contiguous() for name in sorted(tensors)]
     header = _header(values, device)
     works = []
     for dst in dst_ranks:
-        works.append(dist.isend(header, dst))
-        works += [dist.isend(value, dst) for value in values]
+        works.append(dist.isend(header, dst, group=group))
+        works += [dist.isend(value, dst, group=group) for value in values]
     return PendingSend(works, [header, *values])
 
 
-def recv_tensors(names: list[str], src: int, device: torch.device) -> dict[str, torch.Tensor]:
+def recv_tensors(
+    names: list[str], src: int, device: torch.device, group: dist.ProcessGroup | None = None
+) -> dict[str, torch.Tensor]:
     """Receive what `send_tensors` sent under `names` (sorted the same way on both sides)."""
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
-    dist.recv(header, src)
+    dist.recv(header, src, group=group)
     values = header.tolist()
     count, pos = values[0], 1
     if count != len(names):
@@ -67,6 +71,6 @@ def recv_tensors(names: list[str], src: int, device: torch.device) -> dict[str, 
         shape = values[pos + 2 : pos + 2 + ndim]
         pos += 2 + ndim
         buffer = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(buffer, src)
+        dist.recv(buffer, src, group=group)
         out[name] = buffer
     return out

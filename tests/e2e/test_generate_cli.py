@@ -19,7 +19,7 @@ def _torchrun(nproc: int, *overrides: str, cache: Path) -> subprocess.CompletedP
     env = {**os.environ, "WAN_DIST_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     # --standalone: a free rendezvous port per run, so tests never collide.
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "launch/generate.py", f"hydra.run.dir={cache.parent / 'hydra'}", *overrides]
+           "launch/generate.py", *overrides, f"hydra.run.dir={cache.parent / 'hydra'}"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -71,3 +71,23 @@ def test_bad_degrees_fail_on_every_rank(tmp_path):
     assert result.stderr.count("error: parallel.ulysses_degree=4 is not allowed") == 2, result.stderr[-2000:]
     assert not (tmp_path / "cache" / "models").exists()
     assert not (out / "video.mp4").exists()
+
+
+def test_sweep_under_torchrun(tmp_path):
+    """`make sweep`: a Hydra multirun starts a process group per job in the same ranks."""
+    sweep = tmp_path / "sweep"
+    result = _torchrun(2, "-m", "parallel=cfg,ulysses,ring,stage_split", f"hydra.sweep.dir={sweep}",
+                       cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    meshes = [json.loads((sweep / str(job) / "run.json").read_text())["mesh"] for job in range(4)]
+    assert [(m["cfg"], m["ulysses"], m["ring"], m["stage_split"]) for m in meshes] == [
+        (2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 1, True)]
+
+
+def test_unwritable_output_dir_stops_before_denoising(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _torchrun(2, f"output.dir={blocker}/out", "steps=1", cache=tmp_path / "cache")
+    assert result.returncode != 0
+    assert result.stderr.count("error: output.dir=") == 2, result.stderr[-2000:]
+    assert "denoising" not in result.stderr

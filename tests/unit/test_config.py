@@ -357,9 +357,16 @@ def test_lora_path_missing(tmp_path):
     refused(t2v_run(lora=[LoraConfig(path=str(missing))]), "lora[0].path=", str(missing))
 
 
+def write_lora(path: Path, keys: tuple[str, ...] = ("transformer.blocks.0.attn1.to_q.lora_A.weight",)) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({key: torch.zeros(2, 2) for key in keys}, str(path))
+    return path
+
+
 def test_lora_not_safetensors(tmp_path):
-    good = tmp_path / "a.safetensors"
-    good.write_bytes(b"x")
+    good = write_lora(tmp_path / "a.safetensors")
     bad = tmp_path / "b.bin"
     bad.write_bytes(b"x")
     run = t2v_run(lora=[LoraConfig(path=str(good), scale=0.5), LoraConfig(path=str(bad))])
@@ -367,9 +374,53 @@ def test_lora_not_safetensors(tmp_path):
 
 
 def test_lora_safetensors_passes(tmp_path):
-    good = tmp_path / "a.safetensors"
-    good.write_bytes(b"x")
+    good = write_lora(tmp_path / "a.safetensors")
     validate_run(t2v_run(lora=[LoraConfig(path=str(good), scale=0.5)]))
+
+
+def test_lora_corrupt_file(tmp_path):
+    bad = tmp_path / "a.safetensors"
+    bad.write_bytes(b"x")
+    refused(t2v_run(lora=[LoraConfig(path=str(bad))]), "lora[0].path=", "readable safetensors")
+
+
+def test_lora_without_lora_weights(tmp_path):
+    plain = write_lora(tmp_path / "plain.safetensors", keys=("blocks.0.attn1.to_q.weight",))
+    refused(t2v_run(lora=[LoraConfig(path=str(plain))]), "lora[0].path=", "LoRA file")
+
+
+def test_image_that_is_not_an_image(tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_text("not an image")
+    refused(i2v_run(fake), "image=", "PIL can read")
+
+
+@pytest.mark.parametrize("seed", [-2, 2**63])
+def test_seed_out_of_range(seed):
+    refused(t2v_run(seed=seed), f"seed={seed}")
+
+
+@pytest.mark.parametrize("extra", [{"transformer_2": ["diffusers", "WanTransformer3DModel"]},
+                                   {"boundary_ratio": 0.875}, {"expand_timesteps": True}])
+def test_wan22_folder_refused(tmp_path, extra):
+    folder = write_index(tmp_path / "wan22", "WanPipeline")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, **extra}))
+    run = t2v_run()
+    run.model.path = str(folder)
+    refused(run, "model.path=", "Wan2.1", next(iter(extra)))
+
+
+def test_model_limits_from_the_folder_configs():
+    from wan_dist.config import check_model_limits
+
+    vae = {"scale_factor_spatial": 16, "scale_factor_temporal": 4}
+    dit = {"patch_size": [1, 2, 2], "rope_max_seq_len": 32}
+    with pytest.raises(ConfigError, match=r"height=48 is not allowed: a multiple of 32"):
+        check_model_limits(t2v_run(height=48, width=64), vae, dit)
+    with pytest.raises(ConfigError, match=r"width=1088 is not allowed: at most 32 positions"):
+        check_model_limits(t2v_run(height=64, width=1088), {"scale_factor_spatial": 16}, dit)
+    check_model_limits(t2v_run(height=64, width=1024), vae, dit)
 
 
 def test_output_dir_that_is_a_file(tmp_path):

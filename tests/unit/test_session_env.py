@@ -24,14 +24,14 @@ def test_torchrun_defaults():
 def test_torchrun_wins_over_slurm():
     """`srun torchrun ...`: both sets are present; torchrun's describe this process."""
     env = rank_env({"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5", "MASTER_ADDR": "a", "MASTER_PORT": "1234",
-                    "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+                    "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0",
                     "SLURM_JOB_NODELIST": "gpu[01-02]", "SLURM_JOB_ID": "77"})
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 5, "torchrun")
     assert (env.master_addr, env.master_port) == ("a", 1234)
 
 
 def slurm(**extra: str) -> dict[str, str]:
-    base = {"SLURM_PROCID": "4", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1",
+    base = {"SLURM_PROCID": "4", "SLURM_NTASKS": "6", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
             "SLURM_JOB_NODELIST": "gpu[03-05,07]", "SLURM_JOB_ID": "123456"}
     base.update(extra)
     return base
@@ -76,7 +76,7 @@ def test_slurm_explicit_master_wins():
 
 
 def test_slurm_without_job_id_or_nodelist():
-    env = rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    env = rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_STEP_ID": "0"})
     assert env == RankEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=20000,
                           launcher="slurm")
 
@@ -98,3 +98,15 @@ def test_explicit_empty_environ_ignores_process_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert rank_env({}).world_size == 1
     assert rank_env().world_size == 4  # None means os.environ
+
+
+def test_slurm_batch_script_itself_is_a_world_of_one():
+    """The batch step sees the job's task count but is no rank: it has no SLURM_STEP_ID."""
+    env = rank_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"})
+    assert (env.world_size, env.launcher) == (1, "python")
+
+
+def test_slurm_step_task_count_wins_over_the_job_count():
+    env = rank_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
+                    "SLURM_STEP_ID": "3", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"})
+    assert (env.rank, env.world_size, env.launcher) == (1, 2, "slurm")
