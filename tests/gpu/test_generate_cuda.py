@@ -44,3 +44,33 @@ def test_two_gpu_layouts(t2v_folder, tmp_path):
               ("stage_split", dict(stage_split=True)))]
     run_on_ranks(2, run_cases, cases, str(tmp_path), backend="nccl", timeout=600)
     _check(cases, tmp_path, FP32_TOLERANCE)
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")
+def test_cli_on_one_gpu(t2v_folder, tmp_path):
+    """The real entry point on CUDA: distributed_session with nccl and an eagerly bound device."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "launch/generate.py", "model=tiny", f"model.path={t2v_folder}", "model.dit_dtype=fp32",
+           "height=48", "width=80", "steps=3", "prompt=a lighthouse at dusk, waves", "negative_prompt=blurry",
+           f"output.dir={out}", "output.save_frames=true", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reference = reference_frames(str(t2v_folder), prompt="a lighthouse at dusk, waves", negative_prompt="blurry")
+    assert max_abs_error(out / "frames.npy", reference) <= FP32_TOLERANCE
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs two CUDA devices")
+def test_stage_split_prompt_queue_two_gpus(t2v_folder, tmp_path):
+    """Rank 0 hands over video i+1 while the DiT rank hands back video i: the nccl ordering case."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red kite over a beach\nsnow on a quiet street\na bowl of oranges\n")
+    cases = [Case("queue", str(t2v_folder), dit_dtype="fp32", stage_split=True, prompts_file=str(prompts))]
+    run_on_ranks(2, run_cases, cases, str(tmp_path), backend="nccl", timeout=600)
+    for index, prompt in enumerate(prompts.read_text().splitlines()):
+        reference = reference_frames(str(t2v_folder), **{**cases[0].reference_kwargs(), "prompt": prompt})
+        assert max_abs_error(tmp_path / "queue" / f"frames_{index}.npy", reference) <= FP32_TOLERANCE
