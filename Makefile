@@ -6,6 +6,8 @@ TORCHRUN := $(VENV)/bin/torchrun
 NPROC  ?= 2
 ARGS   ?=
 STAMP  := $(VENV)/.installed
+# One thread per rank unless asked otherwise: ranks share the cores (and torchrun warns when unset).
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: install run test test-gpu bench sweep clean
 

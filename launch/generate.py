@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -73,7 +74,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if rank_env().rank != 0:
-        # Only rank 0 records the composed config; the others would write the same .hydra files at once.
-        sys.argv.append("hydra.output_subdir=null")
+    rank = rank_env().rank
+    if rank != 0:
+        # Rank 0's run dir is the one every rank writes to (agreed in main); the others' Hydra dirs
+        # would only be stray folders (their clocks may resolve ${now:} differently), so park them.
+        parked = Path(tempfile.gettempdir()) / "wan_dist_hydra" / f"rank{rank}"
+        sys.argv += ["hydra.output_subdir=null", f"hydra.run.dir={parked}", f"hydra.sweep.dir={parked}"]
     main()

@@ -70,7 +70,7 @@ def denoise(
     scheduler.set_timesteps(steps, device=latents.device)
     scheduler.set_begin_index(0)
     step_seconds: list[float] = []
-    for t in tqdm(scheduler.timesteps, desc=description, disable=not show_progress, leave=False):
+    for t in tqdm(scheduler.timesteps, desc=description, disable=not show_progress, unit="step"):
         start = time.perf_counter()
         model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
         noise = predict_noise(model_input.to(model_dtype), t.expand(latents.shape[0]))

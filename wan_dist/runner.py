@@ -184,7 +184,8 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         latents = None
         if is_dit:
             tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device, session.inputs_group)
-            latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync)
+            latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync,
+                                   description=f"video {index + 1}/{len(prompts)}")
             if index == len(prompts) - 1:
                 del transformer
                 transformer = None
@@ -218,6 +219,11 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         return None
     report = _report(run, session, snapshots, videos)
     write_json(report, out_dir / "run.json")
+    t = report["timings"]
+    peak = max(m["peak_bytes"] for m in report["memory"]) / 2**30
+    log.info("done: %d video(s) in %.1f s (load %.1f, encode %.1f, denoise %.1f, decode %.1f); max peak %.2f GiB "
+             "per rank; details in %s", len(videos), t["total_s"], t["load_s"], t["encode_s"], t["denoise_s"],
+             t["decode_s"], peak, out_dir / "run.json")
     return report
 
 
@@ -236,7 +242,7 @@ def _check_writable(session: Session, out_dir: Path) -> None:
         raise ConfigError(problem)
 
 
-def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync):
+def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync, description):
     device, dims = session.device, session.dims
     embeds = {name: tensor.to(device) for name, tensor in tensors.items()}
     predictor = GuidedNoise(
@@ -252,7 +258,7 @@ def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, m
         result = denoise(
             latents=initial_noise(shape, run.seed, device), scheduler=scheduler, steps=run.steps,
             predict_noise=predictor, model_dtype=dtypes.dit, condition=embeds.get("condition"),
-            show_progress=session.rank == dims.dit_leader, synchronize=sync,
+            show_progress=session.rank == dims.dit_leader, synchronize=sync, description=description,
         )
     metrics.step_seconds.append(result.step_seconds)
     return result.latents
