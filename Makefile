@@ -34,9 +34,9 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(PY) launch/bench.py $(ARGS)
 
-# Every parallel preset that fits $(NPROC) ranks, as one Hydra multirun under torchrun.
+# Every 2-rank layout as one Hydra multirun under torchrun (conf/experiment/layouts_2ranks.yaml).
 sweep: $(STAMP)
-	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py -m parallel=cfg,ulysses,ring,stage_split $(ARGS)
+	$(TORCHRUN) --nproc_per_node=2 launch/generate.py -m +experiment=layouts_2ranks $(ARGS)
 
 clean:
 	rm -rf outputs multirun bench_results .pytest_cache

@@ -76,7 +76,7 @@ def test_bad_degrees_fail_on_every_rank(tmp_path):
 def test_sweep_under_torchrun(tmp_path):
     """`make sweep`: a Hydra multirun starts a process group per job in the same ranks."""
     sweep = tmp_path / "sweep"
-    result = _torchrun(2, "-m", "parallel=cfg,ulysses,ring,stage_split", f"hydra.sweep.dir={sweep}",
+    result = _torchrun(2, "-m", "+experiment=layouts_2ranks", f"hydra.sweep.dir={sweep}",
                        cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
     meshes = [json.loads((sweep / str(job) / "run.json").read_text())["mesh"] for job in range(4)]
