@@ -35,6 +35,7 @@ class Case:
     scheduler: str = "unipc"
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     dit_dtype: str = "auto"
+    embedding_cache: str | None = None
 
     def run_config(self, out_dir: Path) -> RunConfig:
         run = RunConfig()
@@ -46,6 +47,7 @@ class Case:
         run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
         run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
         run.model.dit_dtype = self.dit_dtype
+        run.embedding_cache = self.embedding_cache
         run.output.dir = str(out_dir)
         run.output.save_frames = True
         validate_run(run)

@@ -69,11 +69,24 @@ class _EncoderRank:
 
     def __init__(self, run: RunConfig, folder: Path, dtypes: Dtypes, metrics: RankMetrics, vae) -> None:
         self.metrics = metrics
-        with metrics.timed("load_s"):
-            text_model = load_text_encoder(folder, dtypes.encoder, dtypes.encoder_device)
-            encoder = TextEncoder(load_tokenizer(folder), text_model, cache_dir=run.embedding_cache,
-                                  cache_key=str(folder.resolve()))
-        metrics.hold("text_encoder", parameter_bytes(text_model))
+
+        def load_model():
+            with metrics.timed("load_s"):
+                model = load_text_encoder(folder, dtypes.encoder, dtypes.encoder_device)
+            metrics.hold("text_encoder", parameter_bytes(model))
+            return model
+
+        encoder = TextEncoder(load_tokenizer(folder), load_model=load_model, dtype=dtypes.encoder,
+                              cache_dir=run.embedding_cache,
+                              cache_key=_weights_fingerprint(folder / "text_encoder"))
+        guided = run.guidance_scale > 1.0
+        jobs = [PromptJob(i, prompt, run.negative_prompt if guided else None)
+                for i, prompt in enumerate(read_prompts(run))]
+        texts = {text for job in jobs for text in (job.prompt, job.negative_prompt) if text is not None}
+        # Load here, on the main thread, unless the cache holds every text: model loading patches
+        # module construction process-wide and must not overlap the DiT/VAE loads from a thread.
+        if not all(encoder.is_cached(text) for text in texts):
+            encoder.model = load_model()
         self.image_inputs: dict[str, torch.Tensor] = {}
         if run.model.task == "i2v":
             from diffusers.utils import load_image
@@ -90,13 +103,16 @@ class _EncoderRank:
                 }
             del image_encoder
             metrics.release("image_encoder")
-        guided = run.guidance_scale > 1.0
-        jobs = [PromptJob(i, prompt, run.negative_prompt if guided else None)
-                for i, prompt in enumerate(read_prompts(run))]
         self.remaining = len(jobs)
-        self._background = BackgroundEncoder(encoder, jobs)
+        self._encoder, self._jobs = encoder, jobs
+        self._background = self._results = None
+
+    def start(self) -> None:
+        """Start encoding in the background. Only once every model of this rank is loaded: diffusers'
+        and transformers' loaders patch tensor and module construction process-wide while they run."""
+        self._background = BackgroundEncoder(self._encoder, self._jobs)
         self._results = iter(self._background)
-        del text_model, encoder  # the thread holds the only reference; it is freed when the queue is done
+        self._encoder = None  # the thread holds the only reference; it is freed when the queue is done
 
     def next_inputs(self) -> tuple[PromptJob, dict[str, torch.Tensor]]:
         job, tensors, seconds = next(self._results)
@@ -111,8 +127,15 @@ class _EncoderRank:
             return
         self._background.close()
         self._background = self._results = None
-        self.metrics.release("text_encoder")
+        self.metrics.release("text_encoder")  # no-op when a warm cache meant it was never loaded
         gc.collect()
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    """Names, sizes and mtimes of a component's files: cached embeddings go stale when the weights
+    at the same path change."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return "|".join([str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
 
 
 def input_names(run: RunConfig) -> list[str]:
@@ -161,6 +184,8 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         metrics.hold("dit", parameter_bytes(transformer))
         parallelize_sequence(transformer, ulysses_group=session.group("ulysses"),
                              ring_group=session.group("ring"), device=device)
+    if encoder_rank is not None:
+        encoder_rank.start()
 
     names = input_names(run)
     sent: deque[PendingSend] = deque()

@@ -10,9 +10,10 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,17 +33,30 @@ class TextEncoder:
     """UMT5 embeddings exactly as diffusers' Wan pipelines make them: cleaned text, 512 tokens, the
     embeddings past each prompt's length zeroed."""
 
-    def __init__(self, tokenizer, model, *, cache_dir: str | None = None, cache_key: str = "") -> None:
+    def __init__(
+        self, tokenizer, model=None, *, load_model: Callable[[], Any] | None = None,
+        dtype: torch.dtype | None = None, cache_dir: str | None = None, cache_key: str = "",
+    ) -> None:
+        """`model`, or `load_model` to load it on the first prompt the disk cache does not hold: with a
+        warm cache the 11 GB UMT5 is never read."""
+        if model is None and load_model is None:
+            raise ValueError("TextEncoder needs a model or a way to load one")
         self.tokenizer = tokenizer
         self.model = model
+        self._load_model = load_model
+        self.dtype = dtype or model.dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache_key = cache_key
 
     def _cache_path(self, prompt: str) -> Path | None:
         if self.cache_dir is None:
             return None
-        digest = hashlib.sha256(f"{self.cache_key}\0{self.model.dtype}\0{prompt}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{self.cache_key}\0{self.dtype}\0{prompt}".encode()).hexdigest()
         return self.cache_dir / f"{digest}.pt"
+
+    def is_cached(self, prompt: str) -> bool:
+        path = self._cache_path(prompt)
+        return path is not None and path.is_file()
 
     @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
@@ -51,6 +65,9 @@ class TextEncoder:
         if path is not None and path.is_file():
             return torch.load(path, map_location="cpu", weights_only=True)
         from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        if self.model is None:
+            self.model = self._load_model()
 
         inputs = self.tokenizer(
             [prompt_clean(prompt)], padding="max_length", max_length=TEXT_MAX_TOKENS, truncation=True,

@@ -33,6 +33,8 @@ def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
         2: [Case("queue_stage_split", folder, stage_split=True, prompts_file=str(prompts_file)),
             Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0)],
     }
+    cache = str(root / "embeddings")
+    worlds[1] += [Case("cache_cold", folder, embedding_cache=cache), Case("cache_warm", folder, embedding_cache=cache)]
     results = {}
     for world, cases in worlds.items():
         run_on_ranks(world, run_cases, cases, str(root), timeout=600)
@@ -40,7 +42,8 @@ def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("name", ["lora", "euler", "no_guidance", "lora_cfg", "no_guidance_ulysses"])
+@pytest.mark.parametrize("name", ["lora", "euler", "no_guidance", "lora_cfg", "no_guidance_ulysses", "cache_cold",
+                                  "cache_warm"])
 def test_feature_matches_diffusers(feature_results, name):
     case, out_dir = feature_results[name]
     error = max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **case.reference_kwargs()))
@@ -80,3 +83,12 @@ def test_stage_split_memory_report(feature_results):
     assert len(timings["steps_s"]) == len(QUEUE) and all(len(s) == 3 for s in timings["steps_s"])
     for key in ("load_s", "encode_s", "denoise_s", "decode_s", "total_s"):
         assert timings[key] > 0, key
+
+
+def test_warm_embedding_cache_never_loads_the_text_encoder(feature_results):
+    loaded = {}
+    for name in ("cache_cold", "cache_warm"):
+        _, out_dir = feature_results[name]
+        loaded[name] = json.loads((out_dir / "run.json").read_text())["memory"][0]["loaded_parameter_bytes"]
+    assert "text_encoder" in loaded["cache_cold"]
+    assert "text_encoder" not in loaded["cache_warm"] and "vae" in loaded["cache_warm"]
