@@ -139,10 +139,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("WAN_DIST_CACHE", Path.home() / ".cache" / "wan_dist"))
 
 
+def _tiny_folder(preset: str) -> Path:
+    return cache_root() / "models" / f"{preset}-v{TINY_FORMAT_VERSION}"
+
+
 def ensure_tiny_model(preset: str) -> Path:
     """The tiny model's folder, built once; concurrent builders race harmlessly (atomic rename)."""
     spec = TinySpec(task="i2v" if preset == "tiny_i2v" else "t2v")
-    folder = cache_root() / "models" / f"{preset}-v{TINY_FORMAT_VERSION}"
+    folder = _tiny_folder(preset)
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +171,7 @@ def model_folder(model: ModelConfig) -> Path:
 def tiny_model_folder_if_built(model: ModelConfig) -> Path | None:
     if model.path:
         return Path(model.path)
-    folder = cache_root() / "models" / f"{model.preset}-v{TINY_FORMAT_VERSION}"
+    folder = _tiny_folder(model.preset)
     return folder if (folder / "model_index.json").is_file() else None
 
 

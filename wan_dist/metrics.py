@@ -36,7 +36,7 @@ class RankMetrics:
     def hold(self, component: str, nbytes: int) -> None:
         self.parameter_bytes[component] = nbytes
         self.loaded[component] = nbytes
-        self.note_peak()
+        self.peak_parameter_bytes = max(self.peak_parameter_bytes, sum(self.parameter_bytes.values()))
 
     def release(self, component: str) -> None:
         self.parameter_bytes.pop(component, None)
@@ -51,9 +51,6 @@ class RankMetrics:
             "timings": dict(self.timings),
             "step_seconds": [list(steps) for steps in self.step_seconds],
         }
-
-    def note_peak(self) -> None:
-        self.peak_parameter_bytes = max(self.peak_parameter_bytes, sum(self.parameter_bytes.values()))
 
 
 def peak_kind(device: torch.device) -> str:

@@ -155,10 +155,9 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     dtypes = resolve_dtypes(run, device)
     prompts = read_prompts(run)
     queued = run.prompts_file is not None
-    shape = latent_shape(read_component_config(folder, "vae"), height=run.height, width=run.width,
-                         num_frames=run.num_frames)
-    _check_writable(session, out_dir)
     vae_config, dit_config = read_component_config(folder, "vae"), read_component_config(folder, "transformer")
+    shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
+    _check_writable(session, out_dir)
     check_model_limits(run, vae_config, dit_config)
     check_sequence_length(dims, shape.num_tokens(tuple(dit_config["patch_size"])))
 
