@@ -10,21 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wan_dist.config import ConfigError, RunConfig, register_configs, validate_run  # noqa: E402
+from wan_dist.config import (  # noqa: E402
+    ConfigError, RunConfig, check_schema_keys, composition_error_line, register_configs, validate_run,
+)
 from wan_dist.loading import dit_num_heads, model_folder  # noqa: E402
 from wan_dist.parallel_dims import resolve_parallel_dims  # noqa: E402
 from wan_dist.runner import generate  # noqa: E402
-from wan_dist.session import distributed_session, rank_env  # noqa: E402
+from wan_dist.session import PeerLostError, distributed_session, rank_env  # noqa: E402
 
 log = logging.getLogger("wan_dist")
 register_configs()
@@ -45,12 +50,27 @@ def _quiet_other_ranks(rank: int) -> None:
     transformers_logging.disable_progress_bar()
 
 
+class Terminated(BaseException):
+    """SIGTERM (torchrun stops the other ranks with it once one has failed; schedulers on preemption),
+    raised like KeyboardInterrupt so that every `finally` runs and no temp file stays behind."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, _frame) -> None:
+    raise Terminated(signum)
+
+
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     env = rank_env()
     _quiet_other_ranks(env.rank)
-    run: RunConfig = OmegaConf.to_object(cfg)
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        check_schema_keys(cfg)
+        run: RunConfig = OmegaConf.to_object(cfg)
         validate_run(run)
         with distributed_session(
             lambda world: resolve_parallel_dims(run.parallel, world_size=world, num_heads=dit_num_heads(run.model),
@@ -71,6 +91,17 @@ def main(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OmegaConfBaseException as error:
+        print(f"error: {composition_error_line(error, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
+    except PeerLostError as error:
+        print(f"error: rank {env.rank}: {error}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, Terminated) as stop:
+        signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
+        print(f"error: rank {env.rank} stopped by {signal.Signals(signum).name}; no output was left half-written",
+              file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
@@ -80,4 +111,15 @@ if __name__ == "__main__":
         # would only be stray folders (their clocks may resolve ${now:} differently), so park them.
         parked = Path(tempfile.gettempdir()) / "wan_dist_hydra" / f"rank{rank}"
         sys.argv += ["hydra.output_subdir=null", f"hydra.run.dir={parked}", f"hydra.sweep.dir={parked}"]
-    main()
+    # Hydra prints its own composition errors (a misspelt key, an unknown preset, a wrong type) over
+    # several lines and exits 1; have it raise them instead, to be said in one line like any bad value.
+    # HYDRA_FULL_ERROR=1 set by the user still shows the full traceback.
+    full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as error:
+        if full_error:
+            raise
+        print(f"error: {composition_error_line(error, sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)

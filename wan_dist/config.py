@@ -51,6 +51,9 @@ class ModelConfig:
     vae_dtype: str = "fp32"
     text_encoder_dtype: str = "auto"
     text_encoder_device: str = "cpu"
+    # Pickle checkpoints (.bin/.pt) can run code when read; only safetensors are read unless this is set,
+    # and even then through torch.load(weights_only=True).
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -67,6 +70,7 @@ class ParallelConfig:
 class OutputConfig:
     dir: str | None = None
     save_frames: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -98,8 +102,71 @@ class RunConfig:
     embedding_cache: str | None = None
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# The components of a Wan2.1 folder that hold weights, and the file that describes each.
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def _schema_keys(schema: Any) -> list[str]:
+    from dataclasses import fields, is_dataclass
+
+    return [f.name for f in fields(schema)] if is_dataclass(schema) else []
+
+
+def _override_value(overrides: list[str], key: str) -> str:
+    """What the command line gave `key` (the text after `key=`), or the key itself if it is not there."""
+    for override in overrides:
+        name, sep, value = override.lstrip("+~").partition("=")
+        if sep and name == key:
+            return value
+    return key
+
+
+_TYPE_WORDS = {"Integer": "an integer", "Float": "a number", "valid bool": "true or false", "string": "a text"}
+
+
+def composition_error_line(error: Exception, overrides: list[str]) -> str:
+    """Hydra's and OmegaConf's composition errors (a misspelt key, an unknown preset, a value of the wrong
+    type, an override that does not parse) in the one-line form of every other bad value."""
+    import difflib
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = error if isinstance(error, (ConfigKeyError, ConfigAttributeError, ValidationError)) else error.__cause__
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and "/" in error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        return f"{group}={name!r} is not allowed: one of {', '.join(error.options or [])}"
+    if isinstance(error, OverrideParseException):
+        bad = next((o for o in overrides if o in str(error)), None)
+        return (f"{bad or ' '.join(overrides)} is not allowed: not a valid override ({first_line}); quote "
+                "values that hold spaces or special characters, e.g. 'prompt=\"a cat, running\"'")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        # Nested in a list (lora=[{...}]) the key is relative; the override names the top-level key.
+        top = first_line.split("'")[1] if first_line.startswith("Could not override '") else cause.full_key
+        unknown = str(cause.key) if cause.key is not None else top
+        allowed = _schema_keys(getattr(cause, "object_type", None))
+        close = difflib.get_close_matches(unknown, allowed, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return (f"{top}={_override_value(overrides, top)!r} is not allowed: {unknown!r} is not a configuration "
+                f"key ({hint}keys here: {', '.join(allowed) or 'none'})")
+    if isinstance(cause, ValidationError):
+        message = str(cause).splitlines()[0]
+        allowed = next((word for token, word in _TYPE_WORDS.items() if token in message), message)
+        return f"{cause.full_key}={_override_value(overrides, cause.full_key)!r} is not allowed: {allowed}"
+    return first_line
+
+
+def check_schema_keys(cfg: Any) -> None:
+    """Keys added with `+key=value` pass Hydra's struct check; refuse any the schema does not know."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg))
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -127,6 +194,46 @@ def read_task_from_folder(path: str) -> str:
     if wan22:
         _fail("model.path", path, f"a Wan2.1 folder (this one has Wan2.2's {', '.join(wan22)})")
     return PIPELINE_TASKS[class_name]
+
+
+def check_model_folder(path: str, allow_pickle: bool) -> None:
+    """Every component the folder's model_index.json names is there with a readable config, and its
+    weights are safetensors with a readable header (pickle files only with model.allow_pickle=true).
+    Reads headers and JSON only, never the weights."""
+    from safetensors import safe_open
+
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = Path(path) / name
+        if not sub.is_dir():
+            _fail("model.path", path, f"a complete model folder (model_index.json names {name}/, which is missing)")
+        if name not in WEIGHT_COMPONENTS:
+            continue
+        try:
+            json.loads((sub / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            _fail("model.path", path, f"a complete model folder with a readable {name}/config.json ({error})")
+        safetensors = sorted(sub.glob("*.safetensors"))
+        pickles = sorted(p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        for weights in safetensors:
+            try:
+                with safe_open(str(weights), framework="pt") as handle:
+                    handle.keys()
+            except Exception as error:  # safetensors raises its own error types for a corrupt header
+                _fail("model.path", path, f"readable safetensors weights ({name}/{weights.name}: {error})")
+        if not safetensors and pickles and not allow_pickle:
+            _fail("model.path", path, f"weights in .safetensors files ({name}/ has only pickle files such as "
+                  f"{pickles[0].name}, which can run code when read; model.allow_pickle=true reads them with "
+                  "torch.load(weights_only=True))")
+        if not safetensors and not pickles:
+            _fail("model.path", path, f"a complete model folder ({name}/ holds no weights)")
+
+
+def output_names(index: int, queued: bool) -> tuple[str, str]:
+    """The video and frames file names of video `index` (a prompt queue numbers them)."""
+    return (f"video_{index}.mp4", f"frames_{index}.npy") if queued else ("video.mp4", "frames.npy")
 
 
 def read_prompts(run: RunConfig) -> list[str]:
@@ -170,6 +277,40 @@ def check_model_limits(run: RunConfig, vae_config: dict, dit_config: dict) -> No
                   f"embeddings (it gives {size})")
 
 
+def check_loras(run: RunConfig, dit_config: dict) -> None:
+    """Each LoRA fits this model's DiT: every layer it adapts exists with matching sizes. Reads the LoRA
+    files (small) and builds the DiT on the meta device, so no model weight is read."""
+    if not run.lora:
+        return
+    import torch
+    from diffusers import WanTransformer3DModel
+    from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+    with torch.device("meta"):
+        modules = dict(WanTransformer3DModel.from_config(dit_config).named_modules())
+    for i, lora in enumerate(run.lora):
+        key = f"lora[{i}].path"
+        try:
+            state_dict = WanLoraLoaderMixin.lora_state_dict(lora.path)
+        except Exception as error:  # the converters raise assorted errors on foreign layouts
+            _fail(key, lora.path, f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
+        if isinstance(state_dict, tuple):
+            state_dict = state_dict[0]
+        names = [name for name in state_dict if name.startswith("transformer.")]
+        if not names:
+            _fail(key, lora.path, "a LoRA with Wan transformer weights (formats: diffusers, original Wan, musubi)")
+        for name in names:
+            layer, _, kind = name[len("transformer."):].rpartition(".lora_")
+            module, shape = modules.get(layer), tuple(state_dict[name].shape)
+            if kind not in ("A.weight", "B.weight"):
+                continue
+            expected = getattr(module, "in_features" if kind == "A.weight" else "out_features", None)
+            size = shape[1] if kind == "A.weight" else shape[0]
+            if module is None or expected != size:
+                _fail(key, lora.path, f"a LoRA for this model: it adapts {layer} with size {size}, the model "
+                      f"{'has no such layer' if module is None else f'has {expected}'}")
+
+
 def validate_run(run: RunConfig) -> None:
     """Every rule a type cannot express. Reads no weights: only small JSON files of the model folder."""
     m = run.model
@@ -185,6 +326,7 @@ def validate_run(run: RunConfig) -> None:
         if not Path(m.path).is_dir():
             _fail("model.path", m.path, "an existing local folder")
         task = read_task_from_folder(m.path)
+        check_model_folder(m.path, m.allow_pickle)
         source = f"the folder's task, {task!r} (read from {m.path}/model_index.json)"
     else:
         task = "i2v" if m.preset == "tiny_i2v" else "t2v"
@@ -266,5 +408,12 @@ def validate_run(run: RunConfig) -> None:
         _check_lora_keys(f"lora[{i}].path", lora.path)
     if run.output.dir is not None and Path(run.output.dir).exists() and not Path(run.output.dir).is_dir():
         _fail("output.dir", run.output.dir, "a folder (it exists as a file)")
+    if run.output.dir is not None and not run.output.overwrite:
+        queued = run.prompts_file is not None
+        for index in range(len(read_prompts(run))):
+            video = Path(run.output.dir) / output_names(index, queued)[0]
+            if video.exists():
+                _fail("output.dir", run.output.dir, f"a folder without {video.name} (a finished video is kept; "
+                      "output.overwrite=true replaces it)")
     if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
         _fail("embedding_cache", run.embedding_cache, "a folder")

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, LoraConfig, ModelConfig
+from .config import LoraConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -186,40 +186,48 @@ def dit_num_heads(model: ModelConfig) -> int:
 # ----------------------------------------------------------------------------------------- components
 
 
+# Every component is read by its own class (never an Auto* class that could pick code named in the
+# folder), with remote code off, from safetensors unless pickle files are explicitly allowed; pickle is
+# then read by torch.load(weights_only=True), which diffusers and transformers use by default.
+def _weights(allow_pickle: bool) -> dict[str, Any]:
+    return {"use_safetensors": None if allow_pickle else True}
+
+
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder / "tokenizer")
+    return AutoTokenizer.from_pretrained(folder / "tokenizer", trust_remote_code=False)
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_text_encoder(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False):
     from transformers import UMT5EncoderModel
 
-    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, use_safetensors=True)
+    model = UMT5EncoderModel.from_pretrained(folder / "text_encoder", dtype=dtype, weights_only=True,
+                                             **_weights(allow_pickle))
     return model.to(device).eval()
 
 
-def load_image_encoder(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_image_encoder(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False):
     from transformers import CLIPImageProcessor, CLIPVisionModel
 
     processor = CLIPImageProcessor.from_pretrained(folder / "image_processor")
-    model = CLIPVisionModel.from_pretrained(folder / "image_encoder", dtype=dtype, use_safetensors=True)
+    model = CLIPVisionModel.from_pretrained(folder / "image_encoder", dtype=dtype, weights_only=True,
+                                            **_weights(allow_pickle))
     return model.to(device).eval(), processor
 
 
-def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False):
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_pretrained(
-        folder, subfolder="transformer", dtype=dtype, use_safetensors=True
-    )
+    model = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype,
+                                                  **_weights(allow_pickle))
     return model.to(device).eval()
 
 
-def load_vae(folder: Path, dtype: torch.dtype, device: torch.device):
+def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False):
     from diffusers import AutoencoderKLWan
 
-    model = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=dtype, use_safetensors=True)
+    model = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=dtype, **_weights(allow_pickle))
     return model.to(device).eval()
 
 
@@ -245,9 +253,6 @@ def apply_loras(transformer, loras: list[LoraConfig]) -> None:
         state_dict = WanLoraLoaderMixin.lora_state_dict(lora.path)
         if isinstance(state_dict, tuple):
             state_dict = state_dict[0]
-        if not any(key.startswith("transformer.") for key in state_dict):
-            raise ConfigError(f"lora[{i}].path={lora.path!r} is not allowed: no Wan transformer LoRA weights "
-                              "found in it (formats: diffusers, original Wan, musubi)")
         name = f"lora_{i}"
         transformer.load_lora_adapter(state_dict, adapter_name=name, prefix="transformer")
         names.append(name)

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from . import __version__
 from .cfg_parallel import GuidedNoise
-from .config import ConfigError, RunConfig, check_model_limits, read_prompts
+from .config import ConfigError, RunConfig, check_loras, check_model_limits, output_names, read_prompts
 from .decode import decode_latents
 from .loading import (
     apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
@@ -60,10 +60,6 @@ def resolve_dtypes(run: RunConfig, device: torch.device) -> Dtypes:
     )
 
 
-def output_names(index: int, queued: bool) -> tuple[str, str]:
-    return (f"video_{index}.mp4", f"frames_{index}.npy") if queued else ("video.mp4", "frames.npy")
-
-
 class _EncoderRank:
     """Rank 0's encoding side: text in a background thread, the I2V image once for the whole queue."""
 
@@ -72,7 +68,8 @@ class _EncoderRank:
 
         def load_model():
             with metrics.timed("load_s"):
-                model = load_text_encoder(folder, dtypes.encoder, dtypes.encoder_device)
+                model = load_text_encoder(folder, dtypes.encoder, dtypes.encoder_device,
+                                          allow_pickle=run.model.allow_pickle)
             metrics.hold("text_encoder", parameter_bytes(model))
             return model
 
@@ -92,7 +89,8 @@ class _EncoderRank:
             from diffusers.utils import load_image
 
             with metrics.timed("load_s"):
-                image_encoder, processor = load_image_encoder(folder, dtypes.encoder, dtypes.encoder_device)
+                image_encoder, processor = load_image_encoder(folder, dtypes.encoder, dtypes.encoder_device,
+                                                               allow_pickle=run.model.allow_pickle)
             metrics.hold("image_encoder", parameter_bytes(image_encoder))
             with metrics.timed("encode_s"):
                 image = load_image(run.image)
@@ -159,6 +157,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
     _check_writable(session, out_dir)
     check_model_limits(run, vae_config, dit_config)
+    check_loras(run, dit_config)
     check_sequence_length(dims, shape.num_tokens(tuple(dit_config["patch_size"])))
 
     is_dit = session.is_dit_rank
@@ -170,14 +169,14 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     vae = encoder_rank = None
     if rank == 0:
         with metrics.timed("load_s"):
-            vae = load_vae(folder, dtypes.vae, device)
+            vae = load_vae(folder, dtypes.vae, device, allow_pickle=run.model.allow_pickle)
         metrics.hold("vae", parameter_bytes(vae))
         encoder_rank = _EncoderRank(run, folder, dtypes, metrics, vae)
 
     transformer = scheduler = None
     if is_dit:
         with metrics.timed("load_s", device):
-            transformer = load_transformer(folder, dtypes.dit, device)
+            transformer = load_transformer(folder, dtypes.dit, device, allow_pickle=run.model.allow_pickle)
             apply_loras(transformer, list(run.lora))
             scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
         metrics.hold("dit", parameter_bytes(transformer))
@@ -226,9 +225,9 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
             with metrics.timed("decode_s", device):
                 frames = decode_latents(latents, vae)
             with metrics.timed("write_s"):
-                write_video(frames, out_dir / video_name, run.frame_rate)
+                write_video(frames, out_dir / video_name, run.frame_rate, overwrite=run.output.overwrite)
                 if run.output.save_frames:
-                    write_frames(frames, out_dir / frames_name)
+                    write_frames(frames, out_dir / frames_name, overwrite=run.output.overwrite)
             videos.append({"index": index, "prompt": job.prompt, "video": video_name,
                            "frames": frames_name if run.output.save_frames else None,
                            "shape": list(frames.shape)})

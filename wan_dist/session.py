@@ -7,7 +7,10 @@ import datetime
 import logging
 import os
 import re
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,9 +20,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
+from .config import ConfigError
 from .parallel_dims import ParallelDims
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+
+
+class PeerLostError(RuntimeError):
+    """Other ranks died or stopped responding; the message names them, in one line."""
 
 
 @dataclass(frozen=True)
@@ -128,13 +138,86 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(env: RankEnv, device: torch.device, timeout_s: float, store_prefix: str = "") -> None:
+class Heartbeat:
+    """Each rank bumps a counter in the rendezvous store every HEARTBEAT_S from a thread of its own, which
+    runs while the main thread waits in a collective. When a collective fails, the ranks whose counter
+    stands still are the ones that died or hang (a stopped process, a wedged device): the error names them
+    instead of leaving the user to find out which of N ranks went first."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int) -> None:
+        self._store, self.rank, self.world_size = store, rank, world_size
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="wan_dist-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._store.add(f"heartbeat/{self.rank}", 1)
+            except Exception:  # the store's host is gone; the main thread will hear of it from its collective
+                return
+            if self._stop.wait(HEARTBEAT_S):
+                return
+
+    def silent_peers(self) -> list[int] | None:
+        """The other ranks that neither beat for 4 heartbeats nor said they are failing too (a rank that
+        fails because of a lost peer is not lost itself); None when the store cannot be reached."""
+        try:
+            self._store.set(f"failed/{self.rank}", "1")
+            peers = [r for r in range(self.world_size) if r != self.rank]
+            first = {r: self._store.add(f"heartbeat/{r}", 0) for r in peers}
+            deadline = time.monotonic() + 4 * HEARTBEAT_S
+            silent = set(peers)
+            while silent and time.monotonic() < deadline:
+                silent = {r for r in silent if self._store.add(f"heartbeat/{r}", 0) == first[r]}
+                self._stop.wait(HEARTBEAT_S / 4)
+            return sorted(r for r in silent if not self._store.check([f"failed/{r}"]))
+        except Exception:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _lost_peers_message(lost: list[int] | None, error: BaseException, timeout_s: float) -> str | None:
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    if lost is None:
+        return f"lost contact with the rendezvous store (its host, rank 0's node, is likely gone): {reason}"
+    if not lost:
+        return None
+    who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}"
+    if "timed out" in reason.lower() or "timeout" in reason.lower():
+        return (f"{who} stopped responding (no heartbeat) and a collective timed out after "
+                f"parallel.timeout_s={timeout_s:g} s: {reason}")
+    return f"{who} was lost (its process ended or stopped responding): {reason}"
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """While a failure is being diagnosed, the launcher's SIGTERM (torchrun stops every rank once one has
+    failed) must not cut the diagnosis short: the process is about to exit with the better error anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def init_process_group(
+    env: RankEnv, device: torch.device, timeout_s: float, store_prefix: str = ""
+) -> dist.Store | None:
+    """Start the process group; returns the rendezvous store (None for a world of one)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1 and env.launcher == "python":
         # A world of one still gets a real group, so every code path is the same as with N ranks.
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        return
+        return None
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))
     store, _, _ = next(dist.rendezvous("env://", env.rank, env.world_size, timeout=timeout))
@@ -146,6 +229,7 @@ def init_process_group(env: RankEnv, device: torch.device, timeout_s: float, sto
         backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout,
         device_id=device if device.type == "cuda" else None,
     )
+    return store
 
 
 def build_session(env: RankEnv, device: torch.device, dims: ParallelDims) -> Session:
@@ -177,14 +261,28 @@ def distributed_session(
     """
     env = env or rank_env()
     device = pick_device(env.local_rank)
-    init_process_group(env, device, timeout_s, store_prefix)
+    store = init_process_group(env, device, timeout_s, store_prefix)
+    heartbeat = Heartbeat(store, env.rank, env.world_size) if store is not None else None
     try:
         dims = resolve_dims(env.world_size)
         log.debug("rank %d on %s (%s), mesh %s", env.rank, device, socket.gethostname(), dims.describe())
         yield build_session(env, device, dims)
-    except BaseException:
+    except Exception as error:
+        lost_message = None
+        if heartbeat is not None and not isinstance(error, ConfigError):
+            with _signals_deferred():
+                lost_message = _lost_peers_message(heartbeat.silent_peers(), error, timeout_s)
+        if dist.is_initialized():
+            _abandon_process_group()
+        if lost_message:
+            raise PeerLostError(lost_message) from error
+        raise
+    except BaseException:  # KeyboardInterrupt, SystemExit: stop, nothing to diagnose
         if dist.is_initialized():
             _abandon_process_group()
         raise
     else:
         dist.destroy_process_group()
+    finally:
+        if heartbeat is not None:
+            heartbeat.close()

@@ -12,7 +12,10 @@ from typing import Any
 import numpy as np
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> Path:
+    """Write to a temp file beside `path`, then move it into place; with `overwrite=False` an existing
+    `path` is kept (the move is a hard link, which fails rather than replace, even against a racing
+    writer) and FileExistsError raised."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
@@ -20,10 +23,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -31,7 +36,7 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
-def write_video(frames: np.ndarray, path: Path, frame_rate: int) -> Path:
+def write_video(frames: np.ndarray, path: Path, frame_rate: int, *, overwrite: bool = True) -> Path:
     """H.264 mp4 through imageio-ffmpeg's bundled ffmpeg; frames (F, H, W, 3) float in [0, 1]."""
     import imageio.v2 as imageio
 
@@ -46,15 +51,15 @@ def write_video(frames: np.ndarray, path: Path, frame_rate: int) -> Path:
             for frame in to_uint8(frames):
                 writer.append_data(frame)
 
-    return _atomic_write(path, write)
+    return _atomic_write(path, write, overwrite)
 
 
-def write_frames(frames: np.ndarray, path: Path) -> Path:
+def write_frames(frames: np.ndarray, path: Path, *, overwrite: bool = True) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as handle:  # a handle, so np.save adds no ".npy" to the temp name
             np.save(handle, frames.astype(np.float32))
 
-    return _atomic_write(path, write)
+    return _atomic_write(path, write, overwrite)
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
