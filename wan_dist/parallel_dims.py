@@ -143,6 +143,14 @@ def resolve_parallel_dims(
             raise ConfigError(f"parallel.ulysses_degree={u} is not allowed: it must divide the {rest} ranks "
                               f"left after cfg_degree={degrees['cfg']}")
         r = rest // u
+    if degrees["cfg"] * u * r != dit_world:
+        named = [f"parallel.{axis}_degree={explicit[axis]}" for axis in ("cfg", "ulysses", "ring") if explicit[axis]]
+        split = " + 1 stage-split rank" if stage_split else ""
+        raise ConfigError(
+            f"{', '.join(named) or f'parallel={p.preset}'} is not allowed with a world size of {world_size}: "
+            f"cfg={degrees['cfg']} x ring={r} x ulysses={u}{split} need {degrees['cfg'] * u * r + int(stage_split)} "
+            f"ranks (make the product {dit_world} or start that many ranks)"
+        )
     return ParallelDims(cfg=degrees["cfg"], ring=r, ulysses=u, stage_split=stage_split, world_size=world_size)
 
 
