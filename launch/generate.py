@@ -29,7 +29,7 @@ from wan_dist.config import (  # noqa: E402
 from wan_dist.loading import dit_num_heads, model_folder  # noqa: E402
 from wan_dist.parallel_dims import resolve_parallel_dims  # noqa: E402
 from wan_dist.runner import generate  # noqa: E402
-from wan_dist.session import PeerLostError, distributed_session, rank_env  # noqa: E402
+from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
 
 log = logging.getLogger("wan_dist")
 register_configs()
@@ -50,24 +50,11 @@ def _quiet_other_ranks(rank: int) -> None:
     transformers_logging.disable_progress_bar()
 
 
-class Terminated(BaseException):
-    """SIGTERM (torchrun stops the other ranks with it once one has failed; schedulers on preemption),
-    raised like KeyboardInterrupt so that every `finally` runs and no temp file stays behind."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _raise_terminated(signum: int, _frame) -> None:
-    raise Terminated(signum)
-
-
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     env = rank_env()
     _quiet_other_ranks(env.rank)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, raise_terminated)
     try:
         check_schema_keys(cfg)
         run: RunConfig = OmegaConf.to_object(cfg)

@@ -32,6 +32,21 @@ class PeerLostError(RuntimeError):
     """Other ranks died or stopped responding; the message names them, in one line."""
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that every `finally` runs and no temp file stays behind.
+    torchrun sends it to the other ranks as soon as one rank dies, often before their next collective
+    would have failed, so it too leads to asking which peers are lost."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"the launcher stopped this rank with {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_terminated(signum: int, _frame: Any) -> None:
+    """A signal handler: `signal.signal(signal.SIGTERM, raise_terminated)`."""
+    raise Terminated(signum)
+
+
 @dataclass(frozen=True)
 class RankEnv:
     rank: int
@@ -267,19 +282,16 @@ def distributed_session(
         dims = resolve_dims(env.world_size)
         log.debug("rank %d on %s (%s), mesh %s", env.rank, device, socket.gethostname(), dims.describe())
         yield build_session(env, device, dims)
-    except Exception as error:
+    except BaseException as error:
         lost_message = None
-        if heartbeat is not None and not isinstance(error, ConfigError):
+        # A ConfigError is raised on every rank alike and KeyboardInterrupt is the user's: nobody is lost.
+        if heartbeat is not None and isinstance(error, (Exception, Terminated)) and not isinstance(error, ConfigError):
             with _signals_deferred():
                 lost_message = _lost_peers_message(heartbeat.silent_peers(), error, timeout_s)
         if dist.is_initialized():
             _abandon_process_group()
         if lost_message:
             raise PeerLostError(lost_message) from error
-        raise
-    except BaseException:  # KeyboardInterrupt, SystemExit: stop, nothing to diagnose
-        if dist.is_initialized():
-            _abandon_process_group()
         raise
     else:
         dist.destroy_process_group()

@@ -1,0 +1,145 @@
+"""Faults under torchrun, with real processes: a rank killed mid-denoise, a rank that hangs, Ctrl-C.
+Every surviving rank stops, non-zero, naming the rank that was lost; nothing half-written stays behind and
+no process outlives the test."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# Enough steps that the denoise is still running when the test strikes.
+LONG_RUN = ["parallel=cfg", "steps=2000", "height=32", "width=32", "num_frames=5"]
+PROGRESS = re.compile(r"video 1/1:\s+\d+%\|[^|]*\|\s*[1-9]\d*/")
+
+
+class Job:
+    def __init__(self, proc: subprocess.Popen, log: Path, out: Path) -> None:
+        self.proc, self.log, self.out = proc, log, out
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def workers(self) -> dict[int, psutil.Process]:
+        found = {}
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                rank = child.environ().get("RANK")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            if rank is not None:
+                found[int(rank)] = child
+        return found
+
+    def wait_for(self, condition, what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"torchrun ended ({self.proc.returncode}) before {what}:\n{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} in {timeout} s:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def denoising(self) -> dict[int, psutil.Process]:
+        self.wait_for(lambda: PROGRESS.search(self.text()), "denoising progress")
+        workers = self.workers()
+        assert sorted(workers) == [0, 1], workers
+        return workers
+
+
+@contextmanager
+def torchrun(tmp_path: Path, t2v_folder: Path, *overrides: str) -> Iterator[Job]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WAN_DIST_CACHE": str(tmp_path / "cache")}
+    out, log = tmp_path / "out", tmp_path / "torchrun.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           "launch/generate.py", f"model.path={t2v_folder}", *LONG_RUN, *overrides, f"output.dir={out}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    with open(log, "wb") as handle:
+        # A session of its own, so teardown can reach every process it started.
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    job = Job(proc, log, out)
+    started = []
+    try:
+        yield job
+    finally:
+        try:
+            started = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        for child in started:
+            if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+                child.kill()
+
+
+def _exited(processes: list[psutil.Process]) -> bool:
+    return all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in processes)
+
+
+def _assert_nothing_left(job: Job) -> None:
+    """No video, no frames, no run.json and no temp file; no worker still running."""
+    left = sorted(p.name for p in job.out.iterdir()) if job.out.exists() else []
+    assert left == [], left
+    assert not list(job.out.parent.rglob("*.mp4"))
+
+
+def test_killed_rank_stops_the_others(tmp_path, t2v_folder):
+    timeout_s = 60
+    with torchrun(tmp_path, t2v_folder, f"parallel.timeout_s={timeout_s}") as job:
+        workers = job.denoising()
+        killed_at = time.monotonic()
+        workers[1].kill()
+        survivors = [workers[0]]
+        job.wait_for(lambda: _exited(survivors), "exit of rank 0", timeout=timeout_s + 30)
+        survivor_s = time.monotonic() - killed_at
+        job.proc.wait(timeout=timeout_s + 30)
+        torchrun_s = time.monotonic() - killed_at
+        text = job.text()
+    print(f"after SIGKILL of rank 1: rank 0 exited in {survivor_s:.1f} s, torchrun in {torchrun_s:.1f} s")
+    assert job.proc.returncode != 0
+    assert torchrun_s <= timeout_s + 30
+    lines = [line for line in text.splitlines() if line.startswith("error: rank 0: rank 1 was lost")]
+    assert len(lines) == 1, text[-3000:]
+    _assert_nothing_left(job)
+
+
+def test_hung_rank_times_out_with_a_clear_error(tmp_path, t2v_folder):
+    timeout_s = 15
+    with torchrun(tmp_path, t2v_folder, f"parallel.timeout_s={timeout_s}") as job:
+        workers = job.denoising()
+        stopped_at = time.monotonic()
+        workers[1].suspend()  # SIGSTOP: alive, connected, silent
+        job.wait_for(lambda: _exited([workers[0]]), "exit of rank 0", timeout=timeout_s + 30)
+        survivor_s = time.monotonic() - stopped_at
+        text = job.text()
+    print(f"after SIGSTOP of rank 1: rank 0 exited in {survivor_s:.1f} s (parallel.timeout_s={timeout_s})")
+    assert timeout_s - 1 <= survivor_s <= timeout_s + 30
+    lines = [line for line in text.splitlines() if line.startswith("error: rank 0: rank 1 stopped responding")]
+    assert len(lines) == 1 and f"parallel.timeout_s={timeout_s} s" in lines[0], text[-3000:]
+    _assert_nothing_left(job)
+
+
+def test_ctrl_c_on_torchrun_cleans_up(tmp_path, t2v_folder):
+    with torchrun(tmp_path, t2v_folder) as job:
+        workers = list(job.denoising().values())
+        os.kill(job.proc.pid, signal.SIGINT)
+        job.proc.wait(timeout=60)
+        text = job.text()
+        assert _exited(workers), [w.pid for w in workers if w.is_running()]
+    assert job.proc.returncode != 0
+    assert sum("stopped by SIGINT" in line for line in text.splitlines() if line.startswith("error: rank")) == 2, \
+        text[-3000:]
+    _assert_nothing_left(job)
