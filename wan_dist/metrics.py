@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -22,6 +23,8 @@ class RankMetrics:
     step_seconds: list[list[float]] = field(default_factory=list)
     peak_parameter_bytes: int = 0
     loaded: dict[str, int] = field(default_factory=dict)
+    # Memory in use after each video (not the peak), so growth along a prompt queue shows.
+    after_video_bytes: list[int] = field(default_factory=list)
 
     @contextmanager
     def timed(self, name: str, device: torch.device | None = None) -> Iterator[None]:
@@ -41,6 +44,9 @@ class RankMetrics:
     def release(self, component: str) -> None:
         self.parameter_bytes.pop(component, None)
 
+    def video_done(self, device: torch.device) -> None:
+        self.after_video_bytes.append(current_memory_bytes(device))
+
     def snapshot(self, device: torch.device) -> dict:
         return {
             "rank": self.rank, "role": self.role, "device": self.device,
@@ -48,6 +54,8 @@ class RankMetrics:
             "held_parameter_bytes_at_end": dict(self.parameter_bytes),
             "peak_parameter_bytes": self.peak_parameter_bytes,
             "peak_bytes": peak_memory_bytes(device), "peak_kind": peak_kind(device),
+            "after_video_bytes": list(self.after_video_bytes),
+            "after_video_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
             "timings": dict(self.timings),
             "step_seconds": [list(steps) for steps in self.step_seconds],
         }
@@ -63,3 +71,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # no procfs (macOS): the peak is the best there is
+        return peak_memory_bytes(device)

@@ -232,6 +232,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
                            "frames": frames_name if run.output.save_frames else None,
                            "shape": list(frames.shape)})
             log.info("wrote %s", out_dir / video_name)
+        metrics.video_done(device)
     while sent:
         sent.popleft().wait()
     if encoder_rank is not None:
