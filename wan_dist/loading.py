@@ -186,9 +186,9 @@ def dit_num_heads(model: ModelConfig) -> int:
 # ----------------------------------------------------------------------------------------- components
 
 
-# Every component is read by its own class (never an Auto* class that could pick code named in the
-# folder), with remote code off, from safetensors unless pickle files are explicitly allowed; pickle is
-# then read by torch.load(weights_only=True), which diffusers and transformers use by default.
+# Every model is read by its own class (never an Auto* class that could pick code named in the folder;
+# the tokenizer's has remote code off), from safetensors unless pickle files are explicitly allowed;
+# pickle is then read by torch.load(weights_only=True), which diffusers and transformers use by default.
 def _weights(allow_pickle: bool) -> dict[str, Any]:
     return {"use_safetensors": None if allow_pickle else True}
 

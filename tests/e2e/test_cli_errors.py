@@ -8,9 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[2]
-
 
 def test_config_error_is_one_line_with_exit_code_2(tmp_path):
     env = {**os.environ, "WAN_DIST_CACHE": str(tmp_path / "cache")}
