@@ -146,10 +146,11 @@ def resolve_parallel_dims(
     if degrees["cfg"] * u * r != dit_world:
         named = [f"parallel.{axis}_degree={explicit[axis]}" for axis in ("cfg", "ulysses", "ring") if explicit[axis]]
         split = " + 1 stage-split rank" if stage_split else ""
+        needed = degrees["cfg"] * u * r + int(stage_split)
         raise ConfigError(
-            f"{', '.join(named) or f'parallel={p.preset}'} is not allowed with a world size of {world_size}: "
-            f"cfg={degrees['cfg']} x ring={r} x ulysses={u}{split} need {degrees['cfg'] * u * r + int(stage_split)} "
-            f"ranks (make the product {dit_world} or start that many ranks)"
+            f"{', '.join(named) or f'parallel={p.preset}'} is not allowed: cfg={degrees['cfg']} x ring={r} x "
+            f"ulysses={u}{split} need {needed} ranks, but the world size is {world_size} (make the product "
+            f"{dit_world} or start {needed} ranks)"
         )
     return ParallelDims(cfg=degrees["cfg"], ring=r, ulysses=u, stage_split=stage_split, world_size=world_size)
 

@@ -81,7 +81,9 @@ CASES = [
     ("flow_shift_zero", ["flow_shift=0"], ["flow_shift=0", "positive"]),
     ("frame_rate_zero", ["frame_rate=0"], ["frame_rate=0", "positive"]),
     ("degrees_not_world", ["parallel.ulysses_degree=2"], ["parallel.ulysses_degree=2", "divide"]),
-    ("ulysses_above_heads", ["parallel=ulysses", "parallel.ulysses_degree=4"], ["parallel.ulysses_degree=4", "need 4 ranks"]),
+    # 4 > 3 heads: padding would make it work, but not in a world of 1
+    ("ulysses_above_heads", ["parallel=ulysses", "parallel.ulysses_degree=4"],
+     ["parallel.ulysses_degree=4", "need 4 ranks"]),
     ("cfg_degree_3", ["parallel.cfg_degree=3"], ["parallel.cfg_degree=3", "1 or 2"]),
     ("ring_degree_zero", ["parallel.ring_degree=0"], ["parallel.ring_degree=0", "positive"]),
     ("stage_split_one_rank", ["parallel=stage_split"], ["parallel.stage_split=true", "world size of 1"]),
