@@ -143,8 +143,22 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
+def build_transformer(spec: TinySpec):
+    """The spec's WanTransformer3DModel, randomly initialised (on the current default device)."""
+    from diffusers import WanTransformer3DModel
+
+    i2v = spec.task == "i2v"
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
+        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
+        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=spec.rope_max_seq_len, image_dim=spec.clip_dim if i2v else None,
+        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
+    )
+
+
 def _random_components(spec: TinySpec) -> dict[str, Any]:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import (
         CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel,
     )
@@ -159,13 +173,7 @@ def _random_components(spec: TinySpec) -> dict[str, Any]:
         temperal_downsample=[False, True, True],
     ).eval()
     i2v = spec.task == "i2v"
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
-        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
-        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=spec.rope_max_seq_len, image_dim=spec.clip_dim if i2v else None,
-        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
-    ).eval()
+    transformer = build_transformer(spec).eval()
     self_gain, cross_gain = spec.attn_out_gain
     with torch.no_grad():
         # At random init the attention outputs are a small part of each block's update; strengthen them

@@ -41,12 +41,15 @@ class DitFlops:
         return self.linear + self.self_attention + self.cross_attention
 
 
-def dit_flops(dit_config: dict, tokens: int, *, text_tokens: int = TEXT_TOKENS) -> DitFlops:
+def dit_flops(dit_config: dict, tokens: int, *, text_tokens: int = TEXT_TOKENS,
+              image_tokens: int | None = None) -> DitFlops:
     """Count from a WanTransformer3DModel config.json: every matmul of the blocks, the embedders, the
-    patch embedding and the output projection; elementwise work and norms are left out (< 1%)."""
+    patch embedding and the output projection; elementwise work and norms are left out (< 1%).
+    `image_tokens` (I2V) defaults to CLIP ViT-H's 257."""
     dim = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
     ffn, layers = dit_config["ffn_dim"], dit_config["num_layers"]
-    image_tokens = IMAGE_TOKENS if dit_config.get("image_dim") else 0
+    if image_tokens is None:
+        image_tokens = IMAGE_TOKENS if dit_config.get("image_dim") else 0
     patch = math.prod(dit_config["patch_size"])
     n = tokens
     # Per block: q, k, v, o and the two FFN matmuls on the video tokens; cross-attention's q and o on the
