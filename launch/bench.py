@@ -230,7 +230,7 @@ def write_plot(report: dict, path: Path) -> None:
     axes[0].bar(names, [r["step_s"] for r in ok], color=colors)
     axes[0].set_ylabel("seconds per step (median)")
     axes[1].bar(names, [100 * r["fraction_of_peak"] for r in ok], color=colors)
-    axes[1].set_ylabel(f"DiT FLOP/s per rank, % of peak ({report['peak']['source']})")
+    axes[1].set_ylabel("DiT FLOP/s per rank, % of peak")
     axes[2].bar(names, [max(r["peak_bytes"]) / 2**30 for r in ok], color="tab:orange")
     axes[2].set_ylabel(f"max peak GiB per rank ({ok[0]['peak_kind']})")
     for axis in axes:
@@ -298,6 +298,9 @@ def main() -> None:
     # One thread per rank unless asked otherwise: the ranks share the cores, and a speed-up over one
     # rank must not come from giving the parallel run more threads.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if on_gpu and max(args.nproc) > torch.cuda.device_count():
+        print(f"this machine has {torch.cuda.device_count()} GPU(s): world sizes above that are skipped", flush=True)
+        args.nproc = [n for n in args.nproc if n <= torch.cuda.device_count()]
     model = args.model or ("t2v_1_3b" if on_gpu else "bench")
     if model not in MODEL_DEFAULTS:
         parser.error(f"--model={model} is not allowed: one of {', '.join(MODEL_DEFAULTS)}")

@@ -201,3 +201,56 @@ def scaling_table(
                 rows.append(asdict(predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link,
                                                 single_step_s=single_step_s, guided=guided)))
     return rows
+
+
+# Wan2.1's published end-to-end seconds for T2V-14B at 720p (1280x720, 81 frames, 50 steps) on H800s.
+WAN_OFFICIAL_14B_720P_H800 = {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}
+WAN_14B_CONFIG = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40,
+                  "patch_size": [1, 2, 2], "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256}
+WAN_720P_TOKENS = 21 * 45 * 80  # 81 frames -> 21 latent frames; 720x1280 -> 90x160 latents -> 45x80 patches
+
+
+def fit_official(
+    measured: dict[int, float] = WAN_OFFICIAL_14B_720P_H800, *, mode: str = "ulysses", link: Link = NVLINK,
+    steps: int = 50, dit_config: dict = WAN_14B_CONFIG, tokens: int = WAN_720P_TOKENS,
+) -> dict:
+    """Fit the two unknowns of an end-to-end time, total(P) = fixed + steps * step(P), to the 1- and 2-GPU
+    figures (fixed: text encoding and VAE decode, which the parallel modes do not split), then predict
+    every P from the scaling model. step(P) is linear in the one-GPU step time s1: a_P * s1 + c_P."""
+    def line(gpus: int) -> tuple[float, float]:
+        at_one = predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link, single_step_s=1.0)
+        at_two = predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link, single_step_s=2.0)
+        slope = at_two.step_s - at_one.step_s
+        return slope, at_one.step_s - slope
+
+    slope2, offset2 = line(2)
+    single = ((measured[1] - measured[2]) / steps + offset2) / (1 - slope2)
+    fixed = measured[1] - steps * single
+    rows = []
+    for gpus in sorted(measured):
+        slope, offset = line(gpus)
+        predicted = fixed + steps * (slope * single + offset)
+        rows.append({"gpus": gpus, "official_s": measured[gpus], "predicted_s": predicted,
+                     "error": predicted / measured[gpus] - 1})
+    return {"mode": mode, "link": link.name, "single_step_s": single, "fixed_s": fixed, "rows": rows}
+
+
+def official_comparison_markdown() -> str:
+    """The fit on the official NVLink figures, and what the same GPUs would take over PCIe."""
+    fit = fit_official(link=NVLINK)
+    lines = ["| GPUs | official s (H800, NVLink) | predicted s, NVLink | predicted s, PCIe | predicted s/step, NVLink |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in fit["rows"]:
+        gpus = row["gpus"]
+        steps = {link.name: predict_step(WAN_14B_CONFIG, WAN_720P_TOKENS, mode="ulysses", gpus=gpus, link=link,
+                                         single_step_s=fit["single_step_s"]).step_s for link in (NVLINK, PCIE)}
+        pcie_total = fit["fixed_s"] + 50 * steps["PCIe"]
+        lines.append(f"| {gpus} | {row['official_s']:.1f} | {row['predicted_s']:.1f} ({row['error']:+.1%}) "
+                     f"| {pcie_total:.1f} | {steps['NVLink']:.2f} |")
+    lines += ["", f"Fitted to the 1- and 2-GPU figures: {fit['single_step_s']:.2f} s per step on one GPU (both CFG "
+              f"branches), {fit['fixed_s']:.1f} s that no mode splits (text encoding, VAE decode)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(official_comparison_markdown())

@@ -102,3 +102,16 @@ def test_attention_kernel_choice():
     run.attention = "flash"
     with pytest.raises(ConfigError, match="attention='flash'"):
         validate_run(run)
+
+
+def test_scaling_model_against_the_official_14b_figures():
+    """Fitted to the 1- and 2-GPU end-to-end times, it predicts 4 and 8 H800s within 1% and 8%."""
+    from wan_dist.perf import WAN_OFFICIAL_14B_720P_H800, fit_official, official_comparison_markdown
+
+    fit = fit_official()
+    rows = {row["gpus"]: row for row in fit["rows"]}
+    for gpus in (1, 2):
+        assert rows[gpus]["predicted_s"] == pytest.approx(WAN_OFFICIAL_14B_720P_H800[gpus])
+    assert abs(rows[4]["error"]) < 0.01 and abs(rows[8]["error"]) < 0.08
+    assert 0 < fit["fixed_s"] < 100
+    assert "| 8 | 287.9 |" in official_comparison_markdown()
