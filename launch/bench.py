@@ -24,12 +24,13 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wan_dist.perf import gpu_peak_tflops, measure_matmul_tflops, scaling_table, step_flops  # noqa: E402
+from wan_dist.perf import gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
 
 # (name, world size, overrides). A layout runs when its world size is asked for.
 LAYOUTS = [
@@ -124,9 +125,9 @@ def run_diffusers(spec: dict) -> dict:
          generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np", callback_on_step_end=mark)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        steps = [a.elapsed_time(b) / 1000 for a, b in zip(events, events[1:])]
+        steps = [a.elapsed_time(b) / 1000 for a, b in pairwise(events)]
     else:
-        steps = [b - a for a, b in zip(events, events[1:])]
+        steps = [b - a for a, b in pairwise(events)]
     return {"name": "diffusers", "nproc": 1, "ok": True, "mesh": "diffusers WanPipeline", "dit_ranks": 1,
             "videos": 1, "step_s": statistics.median(steps[1:] or steps), "denoise_s": sum(steps),
             "total_s": time.perf_counter() - start, "steps_s": steps,

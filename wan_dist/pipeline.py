@@ -5,6 +5,7 @@ step after step while the previous ones run."""
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,8 +66,8 @@ class StepClock:
     def seconds(self) -> list[float]:
         if self.cuda:
             self.marks[-1].synchronize()
-            return [a.elapsed_time(b) / 1000 for a, b in zip(self.marks, self.marks[1:])]
-        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+            return [a.elapsed_time(b) / 1000 for a, b in pairwise(self.marks)]
+        return [b - a for a, b in pairwise(self.marks)]
 
 
 @dataclass

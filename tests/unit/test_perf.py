@@ -72,7 +72,7 @@ def test_scaling_model():
     for mode in ("ulysses", "ring"):
         speedups = [predict_step(config, tokens, mode=mode, gpus=g, link=NVLINK, single_step_s=single).speedup
                     for g in (2, 4, 8)]
-        assert speedups == sorted(speedups) and all(s <= g for s, g in zip(speedups, (2, 4, 8)))
+        assert speedups == sorted(speedups) and all(s <= g for s, g in zip(speedups, (2, 4, 8), strict=True))
     nvlink = predict_step(config, tokens, mode="ulysses", gpus=8, link=NVLINK, single_step_s=single)
     pcie = predict_step(config, tokens, mode="ulysses", gpus=8, link=PCIE, single_step_s=single)
     assert pcie.communication_s > 10 * nvlink.communication_s and pcie.step_s > nvlink.step_s
