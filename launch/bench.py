@@ -1,10 +1,18 @@
-"""Time and measure each parallel layout on this machine: one torchrun per layout, numbers from run.json.
+"""Benchmark the parallel layouts against diffusers' own pipeline on this machine, from one run.
 
-    python launch/bench.py                                  # tiny model, every 2-rank layout, CPU or GPU
-    python launch/bench.py --nproc 4 -- model=t2v_1_3b model.path=/models/Wan2.1-T2V-1.3B-Diffusers steps=10
+    python launch/bench.py                     # CPU: the bench model, 1 rank and every 2-rank layout
+    python launch/bench.py --model t2v_1_3b    # GPU: the 1.3B architecture, random bf16 weights, 480x832x81
+    python launch/bench.py --nproc 1 2 4 --model t2v_14b -- steps=10
+    python launch/bench.py --model t2v_1_3b -- model.path=/models/Wan2.1-T2V-1.3B-Diffusers   # real weights
 
-Writes bench_results/<stamp>/bench.json, bench.md (a table) and bench.png (denoise time and peak memory
-per layout).
+Each layout runs under its own torchrun; diffusers' WanPipeline runs in one process on the same folder,
+inputs and sampling settings. Reported side by side: seconds per denoising step (median after the first,
+which warms up), end-to-end seconds, peak memory per rank, speed-up over `single` and parallel efficiency,
+and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
+the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
+rank) on CPU. A prompt queue compares a stage split with the same queue in one process.
+
+Writes <out>/<stamp>/bench.json, bench.md and bench.png.
 """
 
 from __future__ import annotations
@@ -12,64 +20,201 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-# (name, overrides) per world size; a layout is only run when it fits the world.
-LAYOUTS = {
-    1: [("single", ["parallel=single"])],
-    2: [("cfg", ["parallel=cfg"]), ("ulysses", ["parallel=ulysses"]), ("ring", ["parallel=ring"]),
-        ("stage_split", ["parallel=stage_split"])],
-    3: [("ulysses3", ["parallel=ulysses"]), ("stage_split_cfg", ["parallel=stage_split"])],
-    4: [("cfg_ulysses", ["parallel=cfg_usp"]), ("usp", ["parallel=usp"]), ("ulysses4", ["parallel=ulysses"]),
-        ("stage_split_ulysses3", ["parallel=stage_split", "parallel.cfg_degree=1"])],
+from wan_dist.perf import gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
+
+# (name, world size, overrides). A layout runs when its world size is asked for.
+LAYOUTS = [
+    ("single", 1, ["parallel=single"]),
+    ("compiled", 1, ["parallel=single", "compile=true"]),
+    ("cfg", 2, ["parallel=cfg"]),
+    ("ulysses", 2, ["parallel=ulysses"]),
+    ("ring", 2, ["parallel=ring"]),
+    ("stage_split", 2, ["parallel=stage_split"]),
+    ("ulysses3", 3, ["parallel=ulysses"]),
+    ("stage_split_cfg", 3, ["parallel=stage_split"]),
+    ("cfg_ulysses", 4, ["parallel=cfg_usp"]),
+    ("usp", 4, ["parallel=usp"]),
+    ("ulysses4", 4, ["parallel=ulysses"]),
+    ("cfg_ulysses4", 8, ["parallel=cfg_usp"]),
+    ("ulysses8", 8, ["parallel=ulysses"]),
+]
+# Per model: the sizes a benchmark uses unless overridden. The real architectures are run with random
+# weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
+MODEL_DEFAULTS = {
+    "tiny": ["height=128", "width=224", "num_frames=17", "steps=4"],
+    "bench": ["steps=4"],
+    "t2v_1_3b": ["height=480", "width=832", "num_frames=81", "steps=10"],
+    "t2v_14b": ["height=720", "width=1280", "num_frames=81", "steps=5"],
 }
-# Large enough on a CPU that the denoise dominates process start-up, small enough for a laptop.
-CPU_DEFAULTS = ["height=128", "width=224", "num_frames=17", "steps=4"]
+QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "a city street in the rain",
+                 "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
+
+
+def _median_step(steps: list) -> float:
+    flat = steps if steps and isinstance(steps[0], (int, float)) else [s for video in steps for s in video]
+    return statistics.median(flat[1:] or flat)
 
 
 def run_layout(name: str, nproc: int, overrides: list[str], out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "launch" / "generate.py"), f"output.dir={out}", f"hydra.run.dir={out}/hydra", *overrides]
+           str(ROOT / "launch" / "generate.py"), *overrides, f"output.dir={out}", f"hydra.run.dir={out}/hydra"]
     start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        return {"name": name, "nproc": nproc, "ok": False, "error": result.stderr.strip().splitlines()[-1:]}
+        return {"name": name, "nproc": nproc, "ok": False, "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
     report = json.loads((out / "run.json").read_text())
-    steps = report["timings"]["steps_s"]
-    steps = steps if steps and isinstance(steps[0], float) else [s for video in steps for s in video]
+    t = report["timings"]
     return {
         "name": name, "nproc": nproc, "ok": True, "wall_s": wall, "mesh": report["mesh"]["describe"],
-        "timings": {k: v for k, v in report["timings"].items() if k != "steps_s"},
-        # The first step includes one-off warm-up; the median of the rest is the steady state.
-        "median_step_s": sorted(steps[1:] or steps)[len(steps[1:] or steps) // 2],
-        "peak_bytes": [m["peak_bytes"] for m in report["memory"]],
-        "parameter_bytes": [m["peak_parameter_bytes"] for m in report["memory"]],
-        "peak_kind": report["memory"][0]["peak_kind"],
+        "dit_ranks": len(report["mesh"]["dit_ranks"]), "videos": len(report["videos"]),
+        "step_s": _median_step(t["steps_s"]), "denoise_s": t["denoise_s"], "total_s": t["total_s"],
+        "timings": {k: v for k, v in t.items() if k != "steps_s"},
+        "peak_bytes": [m["peak_bytes"] for m in report["memory"]], "peak_kind": report["memory"][0]["peak_kind"],
     }
 
 
-def write_table(results: list[dict], path: Path) -> None:
-    lines = ["| layout | ranks | mesh | denoise s | median step s | total s | max peak GiB | max params GiB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+# ------------------------------------------------------------------------------------- diffusers
+
+
+def run_diffusers(spec: dict) -> dict:
+    """diffusers' WanPipeline in this process, on the folder and settings a layout run resolved to: the
+    text encoder on CPU (its embeddings handed in), the DiT and VAE on the device, one CPU generator."""
+    import torch
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+
+    from wan_dist.metrics import peak_memory_bytes
+
+    start = time.perf_counter()
+    device = torch.device(spec["device"])
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    folder = spec["folder"]
+    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer",
+                                                        dtype=dtypes[spec["dit_dtype"]]).to(device)
+    vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32).to(device)
+    pipe = WanPipeline.from_pretrained(folder, transformer=transformer, vae=vae, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    guided = spec["guidance_scale"] > 1.0
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"],
+                                              do_classifier_free_guidance=guided, device=torch.device("cpu"))
+    pipe.text_encoder = None  # held on CPU until now, as a stage-split or single rank holds it
+    cast = {"device": device, "dtype": transformer.dtype}
+    events: list = []
+
+    def mark(*_args, **_kwargs):
+        events.append(torch.cuda.Event(enable_timing=True) if device.type == "cuda" else time.perf_counter())
+        if device.type == "cuda":
+            events[-1].record()
+        return {}
+
+    mark()
+    pipe(prompt_embeds=embeds.to(**cast), negative_prompt_embeds=negative.to(**cast) if guided else None,
+         height=spec["height"], width=spec["width"], num_frames=spec["num_frames"],
+         num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
+         generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np", callback_on_step_end=mark)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        steps = [a.elapsed_time(b) / 1000 for a, b in pairwise(events)]
+    else:
+        steps = [b - a for a, b in pairwise(events)]
+    return {"name": "diffusers", "nproc": 1, "ok": True, "mesh": "diffusers WanPipeline", "dit_ranks": 1,
+            "videos": 1, "step_s": statistics.median(steps[1:] or steps), "denoise_s": sum(steps),
+            "total_s": time.perf_counter() - start, "steps_s": steps,
+            "peak_bytes": [peak_memory_bytes(device)], "peak_kind": "cuda_max_allocated" if device.type == "cuda"
+            else "cpu_max_rss"}
+
+
+def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(spec))
+    result = subprocess.run([sys.executable, __file__, "--diffusers-spec", str(out / "spec.json")],
+                            cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"name": "diffusers", "nproc": 1, "ok": False,
+                "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _peak_subprocess(device: str) -> dict:
+    """Measured in a fresh process with the ranks' thread count, so it is what one rank can reach."""
+    code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.perf import measure_matmul_tflops as m; "
+            "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32)))"
+            % (str(ROOT), device))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def add_derived(results: list[dict], flops_per_step: float, peak_tflops: float) -> None:
+    single = next((r for r in results if r["ok"] and r["name"] == "single"), None)
     for r in results:
         if not r["ok"]:
-            lines.append(f"| {r['name']} | {r['nproc']} | failed: {' '.join(r['error'])} | | | | | |")
             continue
-        t = r["timings"]
-        lines.append(f"| {r['name']} | {r['nproc']} | {r['mesh']} | {t['denoise_s']:.2f} | {r['median_step_s']:.3f}"
-                     f" | {t['total_s']:.2f} | {max(r['peak_bytes']) / 2**30:.2f}"
-                     f" | {max(r['parameter_bytes']) / 2**30:.3f} |")
+        achieved = flops_per_step / r["step_s"] / 1e12
+        r["dit_tflops"] = achieved
+        r["dit_tflops_per_rank"] = achieved / r["dit_ranks"]
+        r["fraction_of_peak"] = r["dit_tflops_per_rank"] / peak_tflops
+        if single is not None and r["videos"] == 1:
+            r["speedup"] = single["step_s"] / r["step_s"]
+            r["efficiency"] = r["speedup"] / r["nproc"]
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_tables(report: dict, path: Path) -> None:
+    peak = report["peak"]
+    lines = [f"# wan_dist bench: {report['model']}, {report['size']}, {report['steps']} steps, {report['device']}",
+             "", f"DiT work per step: {report['flops_per_step'] / 1e12:.2f} TFLOP; peak used for the fraction: "
+             f"{peak['used_tflops']:.3f} TFLOP/s per rank ({peak['source']}).", "",
+             "| layout | ranks | mesh | s/step | vs diffusers | speedup | efficiency | end-to-end s | DiT TFLOP/s/rank "
+             "| of peak | peak GiB per rank |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    diffusers = next((r for r in report["results"] if r["ok"] and r["name"] == "diffusers"), None)
+    for r in report["results"]:
+        if not r["ok"]:
+            lines.append(f"| {r['name']} | {r['nproc']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        if r["videos"] != 1:
+            continue
+        vs = diffusers["step_s"] / r["step_s"] if diffusers else None
+        peaks = " / ".join(f"{b / 2**30:.2f}" for b in r["peak_bytes"])
+        lines.append(f"| {r['name']} | {r['nproc']} | {r['mesh']} | {r['step_s']:.3f} | {_fmt(vs, '.3f')}x "
+                     f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('efficiency'), '.0%')} | {r['total_s']:.1f} "
+                     f"| {r['dit_tflops_per_rank']:.3f} | {r['fraction_of_peak']:.0%} | {peaks} |")
+    queue = [r for r in report["results"] if r["ok"] and r["videos"] > 1]
+    if queue:
+        lines += ["", f"Prompt queue of {queue[0]['videos']} videos, end to end:", "",
+                  "| layout | ranks | total s | s per video | speedup |", "| --- | --- | --- | --- | --- |"]
+        base = queue[0]["total_s"]
+        for r in queue:
+            lines.append(f"| {r['name']} | {r['nproc']} | {r['total_s']:.1f} | {r['total_s'] / r['videos']:.1f} "
+                         f"| {base / r['total_s']:.2f} |")
+    if report.get("scaling"):
+        lines += ["", "Predicted step time on more GPUs (wan_dist/perf.py's model, from this run's single s/step):",
+                  "", "| mode | GPUs | link | compute s | communication s | step s | speedup |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for p in report["scaling"]:
+            lines.append(f"| {p['mode']} | {p['gpus']} | {p['link']} | {p['compute_s']:.3f} | "
+                         f"{p['communication_s']:.3f} | {p['step_s']:.3f} | {p['speedup']:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(results: list[dict], path: Path) -> None:
+def write_plot(report: dict, path: Path) -> None:
     try:
         import matplotlib
 
@@ -77,46 +222,152 @@ def write_plot(results: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    ok = [r for r in results if r["ok"]]
+    ok = [r for r in report["results"] if r["ok"] and r["videos"] == 1]
     if not ok:
         return
     names = [f"{r['name']}\n({r['nproc']})" for r in ok]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(ok)), 4))
-    left.bar(names, [r["timings"]["denoise_s"] for r in ok], color="tab:blue")
-    left.set_ylabel("denoise seconds")
-    right.bar(names, [max(r["peak_bytes"]) / 2**30 for r in ok], color="tab:orange")
-    right.set_ylabel(f"max peak GiB per rank ({ok[0]['peak_kind']})")
-    for axis in (left, right):
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 2.2 * len(ok)), 4))
+    colors = ["tab:gray" if r["name"] == "diffusers" else "tab:blue" for r in ok]
+    axes[0].bar(names, [r["step_s"] for r in ok], color=colors)
+    axes[0].set_ylabel("seconds per step (median)")
+    axes[1].bar(names, [100 * r["fraction_of_peak"] for r in ok], color=colors)
+    axes[1].set_ylabel("DiT FLOP/s per rank, % of peak")
+    axes[2].bar(names, [max(r["peak_bytes"]) / 2**30 for r in ok], color="tab:orange")
+    axes[2].set_ylabel(f"max peak GiB per rank ({ok[0]['peak_kind']})")
+    for axis in axes:
         axis.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"{report['model']} {report['size']}, {report['device']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def resolve_run(overrides: list[str]) -> dict:
+    """The folder, sizes and dtypes the runs will use, resolved by the app's own config code (and the
+    model built if it is a built preset), so that diffusers gets exactly the same."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from wan_dist.config import RunConfig, register_configs, validate_run
+    from wan_dist.loading import model_folder, read_component_config, resolve_dtype
+    from wan_dist.pipeline import latent_shape
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("generate", overrides=[o for o in overrides if not o.startswith(("hydra.", "compile="))])
+    run: RunConfig = OmegaConf.to_object(cfg)
+    validate_run(run)
+    folder = model_folder(run.model)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dit_config = read_component_config(folder, "transformer")
+    shape = latent_shape(read_component_config(folder, "vae"), height=run.height, width=run.width,
+                         num_frames=run.num_frames)
+    dit_dtype = resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16)
+    return {
+        "folder": str(folder), "device": str(device), "dit_config": dit_config,
+        "tokens": shape.num_tokens(tuple(dit_config["patch_size"])), "height": run.height, "width": run.width,
+        "num_frames": run.num_frames, "steps": run.steps, "guidance_scale": run.guidance_scale,
+        "seed": run.seed if run.seed >= 0 else 0, "prompt": run.prompt, "negative_prompt": run.negative_prompt,
+        "dit_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dit_dtype],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help=f"one of {', '.join(MODEL_DEFAULTS)} (default: bench on "
+                        "CPU, t2v_1_3b on GPU); real architectures get random weights unless model.path is given")
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="world sizes to run")
+    parser.add_argument("--layouts", nargs="+", default=None, help="only these layouts (names as in the table)")
+    parser.add_argument("--queue", type=int, default=4, help="prompt-queue length for the stage-split "
+                        "comparison (0: skip)")
+    parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
+    parser.add_argument("--diffusers-spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
-    overrides = args.overrides
-    if not any(o.startswith("model.path=") for o in overrides):
-        overrides = CPU_DEFAULTS + overrides
+    if args.diffusers_spec:
+        print(json.dumps(run_diffusers(json.loads(args.diffusers_spec.read_text()))))
+        return
+
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    # One thread per rank unless asked otherwise: the ranks share the cores, and a speed-up over one
+    # rank must not come from giving the parallel run more threads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if on_gpu and max(args.nproc) > torch.cuda.device_count():
+        print(f"this machine has {torch.cuda.device_count()} GPU(s): world sizes above that are skipped", flush=True)
+        args.nproc = [n for n in args.nproc if n <= torch.cuda.device_count()]
+    model = args.model or ("t2v_1_3b" if on_gpu else "bench")
+    if model not in MODEL_DEFAULTS:
+        parser.error(f"--model={model} is not allowed: one of {', '.join(MODEL_DEFAULTS)}")
+    user = args.overrides
+    base = [f"model={model}", *MODEL_DEFAULTS[model]]
+    if model in ("t2v_1_3b", "t2v_14b") and not any(o.startswith("model.path=") for o in user):
+        base.append("model.random_weights=true")
+    overrides = base + user
+    spec = resolve_run(overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out / stamp
+
     results = []
-    for nproc in args.nproc:
-        for name, layout in LAYOUTS.get(nproc, []):
-            result = run_layout(name, nproc, layout + overrides, out / f"{nproc}_{name}")
-            print(json.dumps({k: result[k] for k in ("name", "nproc", "ok")} |
-                             ({"denoise_s": round(result["timings"]["denoise_s"], 3)} if result["ok"] else {})),
-                  flush=True)
-            results.append(result)
+
+    def record(result: dict) -> None:
+        brief = {k: result.get(k) for k in ("name", "nproc", "ok", "step_s", "total_s", "error") if k in result}
+        print(json.dumps(brief), flush=True)
+        results.append(result)
+
+    if not args.no_diffusers and (args.layouts is None or "diffusers" in args.layouts):
+        record(run_diffusers_subprocess(spec, out / "diffusers"))
+    for name, nproc, layout in LAYOUTS:
+        if nproc not in args.nproc or (args.layouts is not None and name not in args.layouts):
+            continue
+        if name == "compiled" and not on_gpu and args.layouts is None:
+            continue  # inductor's CPU code adds minutes of compilation to a CPU bench; ask for it by name
+        record(run_layout(name, nproc, layout + overrides, out / f"{nproc}_{name}"))
+    if args.queue and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts):
+        out.mkdir(parents=True, exist_ok=True)
+        prompts = out / "queue_prompts.txt"
+        prompts.write_text("\n".join((QUEUE_PROMPTS * args.queue)[: args.queue]) + "\n")
+        for name, nproc, layout in (("queue_single", 1, ["parallel=single"]),
+                                    ("queue_stage_split", 2, ["parallel=stage_split"])):
+            record(run_layout(name, nproc, layout + overrides + [f"prompts_file={prompts}"], out / f"{nproc}_{name}"))
+
+    if on_gpu:
+        device_name = torch.cuda.get_device_name(0)
+        measured = _peak_subprocess("cuda")
+        table = gpu_peak_tflops(device_name)
+        peak = {"measured_matmul_tflops": measured, "datasheet_bf16_tflops": table, "used_tflops": measured,
+                "source": "measured bf16 matmul"}
+    else:
+        import platform
+
+        device_name = f"CPU ({platform.processor() or platform.machine()}), {os.environ['OMP_NUM_THREADS']} thread(s) per rank"
+        measured = _peak_subprocess("cpu")
+        peak = {"measured_matmul_tflops": measured, "used_tflops": measured, "source": "measured fp32 matmul"}
+    guided = spec["guidance_scale"] > 1.0
+    flops = step_flops(spec["dit_config"], spec["tokens"], guided=guided)
+    add_derived(results, flops, peak["used_tflops"])
+    single = next((r for r in results if r["ok"] and r["name"] == "single"), None)
+    scaling = scaling_table(spec["dit_config"], spec["tokens"], single_step_s=single["step_s"], guided=guided) \
+        if single and on_gpu else []
+    report = {
+        "model": model, "size": f"{spec['height']}x{spec['width']}x{spec['num_frames']}", "steps": spec["steps"],
+        "tokens": spec["tokens"], "device": device_name, "overrides": overrides, "flops_per_step": flops,
+        "peak": peak, "results": results, "scaling": scaling,
+    }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps({"overrides": overrides, "results": results}, indent=2) + "\n")
-    write_table(results, out / "bench.md")
-    write_plot(results, out / "bench.png")
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_tables(report, out / "bench.md")
+    write_plot(report, out / "bench.png")
     print((out / "bench.md").read_text())
     print(f"written to {out}")
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

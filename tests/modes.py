@@ -36,6 +36,8 @@ class Case:
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     dit_dtype: str = "auto"
     embedding_cache: str | None = None
+    attention: str = "auto"
+    compile: bool = False
 
     def run_config(self, out_dir: Path) -> RunConfig:
         run = RunConfig()
@@ -48,6 +50,7 @@ class Case:
         run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
         run.model.dit_dtype = self.dit_dtype
         run.embedding_cache = self.embedding_cache
+        run.attention, run.compile = self.attention, self.compile
         run.output.dir = str(out_dir)
         run.output.save_frames = True
         validate_run(run)

@@ -13,9 +13,11 @@ Kernels:
 - CPU: yunchang's ``LongContextAttention`` with our own block kernel (torch's CPU flash attention op,
   which returns the true log-sum-exp). yunchang's ``TORCH_MATH`` kernel returns a zero log-sum-exp, so
   its ring merge is a plain average of the blocks' outputs: wrong as soon as the ring degree is > 1.
-- CUDA, fp16/bf16, ``flash_attn`` installed: xfuser's ``xFuserLongContextAttention`` with
-  ``AttnType.FA``. Without ``flash_attn`` (or for fp32, which flash kernels refuse) the same yunchang
-  layer as on CPU with torch's CUDA flash (fp16/bf16) or memory-efficient (fp32) op. yunchang's own
+- CUDA, fp16/bf16, the kernel chosen by ``resolve_kernel`` (fastest available first):
+  ``fa3``/``fa2``: xfuser's ``xFuserLongContextAttention`` with ``AttnType.FA3``/``AttnType.FA`` (needs
+  flash_attn_interface / flash_attn); ``cudnn``: the yunchang layer with cuDNN's fused attention as the
+  block kernel; ``sdpa``: the same with torch's CUDA flash op. fp32, which flash kernels refuse, always
+  takes the yunchang layer with torch's memory-efficient op. yunchang's own
   ``TORCH_FLASH`` kernel is not used: it casts the log-sum-exp to the input dtype, and a bf16 LSE
   (spacing 0.06 at 10) skews the ring merge weights by several percent.
 """
@@ -23,6 +25,7 @@ Kernels:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -31,7 +34,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SequenceParallelAttention"]
+__all__ = ["DIFFUSERS_BACKENDS", "SequenceParallelAttention", "available_kernels", "resolve_kernel"]
+
+# The kernels by name, fastest first where more than one is installed, and diffusers' name for each
+# (used for everything that does not go through USP: cross-attention, and self-attention on one rank).
+DIFFUSERS_BACKENDS = {"fa3": "_flash_3", "fa2": "flash", "cudnn": "_native_cudnn", "sdpa": "native"}
 
 # Score given to every (query, padding key) pair. exp(-30000 - max) is exactly 0 in fp32, and so far
 # below any real score that a block holding only padding keys gets zero weight in the ring merge too.
@@ -39,6 +46,36 @@ _MASK_SCORE = 30000.0
 # CUDA flash kernels only take head dims that are multiples of 8.
 _HEAD_DIM_MULTIPLE = 8
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def available_kernels(device: torch.device) -> list[str]:
+    """The attention kernels this device can run, fastest first. FlashAttention-3 and -2 need their
+    packages (flash_attn_interface, flash_attn); cuDNN attention needs an sm80+ GPU; SDPA runs anywhere."""
+    import importlib.util
+
+    if torch.device(device).type != "cuda":
+        return ["sdpa"]
+    kernels = []
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        kernels.append("fa3")
+    if importlib.util.find_spec("flash_attn") is not None:
+        kernels.append("fa2")
+    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device) >= (8, 0):
+        kernels.append("cudnn")
+    return kernels + ["sdpa"]
+
+
+def resolve_kernel(name: str, device: torch.device) -> str:
+    """`auto` is the fastest available kernel; a named one must be available (ConfigError otherwise)."""
+    from .config import ConfigError
+
+    available = available_kernels(device)
+    if name == "auto":
+        return available[0]
+    if name not in available:
+        raise ConfigError(f"attention={name!r} is not allowed: one of auto, {', '.join(available)} on this "
+                          f"device ({torch.device(device).type})")
+    return name
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -76,10 +113,12 @@ def _attention_with_lse(
     softcap: float | None = 0.0,
     alibi_slopes: Tensor | None = None,
     return_softmax: bool = False,
+    use_cudnn: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One ring step's block attention: (B, S, H, D) in; (out (B, S, H, D), lse (B, H, S) fp32) out.
 
-    The signature is the one yunchang's ring loop calls an ``attn_processor`` with.
+    The signature is the one yunchang's ring loop calls an ``attn_processor`` with; ``use_cudnn`` picks
+    cuDNN's fused attention for fp16/bf16 on CUDA (bound with functools.partial).
     """
     if dropout_p or causal or tuple(window_size) != (-1, -1) or softcap or alibi_slopes is not None:
         raise NotImplementedError("only plain non-causal attention without dropout is supported")
@@ -90,6 +129,11 @@ def _attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, 0.0, False, attn_mask=None, scale=softmax_scale
         )
+    elif use_cudnn and q.dtype in _HALF_DTYPES:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            qt, kt, vt, None, True, 0.0, False, False, scale=softmax_scale
+        )[:2]
+        lse = lse.reshape(out.shape[:3])  # some cuDNN versions add a trailing dim of 1
     elif q.dtype in _HALF_DTYPES:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             qt, kt, vt, 0.0, False, False, scale=softmax_scale
@@ -131,14 +175,15 @@ class SequenceParallelAttention:
         ulysses_group: dist.ProcessGroup,
         ring_group: dist.ProcessGroup,
         device: torch.device,
+        kernel: str = "auto",
     ) -> None:
         device = torch.device(device)
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"SequenceParallelAttention supports cpu and cuda devices, got {device}")
         self._ulysses_degree = dist.get_world_size(ulysses_group)
+        self.kernel = resolve_kernel(kernel, device)
 
         from yunchang import LongContextAttention
-        from yunchang.globals import HAS_FLASH_ATTN
 
         with _yunchang_groups(ulysses_group, ring_group):
             # attn_type=None is no AttnType, so yunchang's select_flash_attn_impl falls through to
@@ -146,15 +191,19 @@ class SequenceParallelAttention:
             self._exact_attention = LongContextAttention(
                 attn_type=None, attn_processor=_attention_with_lse
             )
-            self._flash_attention: torch.nn.Module | None = None
-            if device.type == "cuda" and HAS_FLASH_ATTN:
+            self._half_attention: torch.nn.Module | None = None
+            if self.kernel in ("fa3", "fa2"):
                 from xfuser.core.long_ctx_attention import xFuserLongContextAttention
                 from yunchang.kernels import AttnType
 
                 # With use_kv_cache=False (the default) xfuser's forward and ring function touch none
                 # of xfuser's global state (no init_distributed_environment needed): they use only
                 # the two groups captured here.
-                self._flash_attention = xFuserLongContextAttention(attn_type=AttnType.FA)
+                self._half_attention = xFuserLongContextAttention(
+                    attn_type=AttnType.FA3 if self.kernel == "fa3" else AttnType.FA)
+            elif self.kernel == "cudnn":
+                self._half_attention = LongContextAttention(
+                    attn_type=None, attn_processor=functools.partial(_attention_with_lse, use_cudnn=True))
 
     def __call__(
         self,
@@ -177,8 +226,10 @@ class SequenceParallelAttention:
             raise ValueError(f"num_valid must be in [0, {local_seq}], got {num_valid}")
 
         q, k, v = self._pad(query, key, value, scale=scale, num_valid=num_valid)
-        if self._flash_attention is not None and q.dtype in _HALF_DTYPES:
-            out = self._flash_attention(None, q, k, v, softmax_scale=scale)
+        if self._half_attention is not None and q.dtype in _HALF_DTYPES:
+            # xfuser's layer takes the attention module first (unused without a KV cache); yunchang's not.
+            args = (None, q, k, v) if self.kernel in ("fa3", "fa2") else (q, k, v)
+            out = self._half_attention(*args, softmax_scale=scale)
         else:
             out = self._exact_attention(q, k, v, softmax_scale=scale)
         if out.shape[2:] != (heads, head_dim):

@@ -20,6 +20,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "gpu")
 SCHEDULERS = ("unipc", "euler")
 TASKS = ("t2v", "i2v")
+ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
 PARALLEL_PRESETS = ("auto", "single", "stage_split", "cfg", "ulysses", "ring", "usp", "cfg_usp")
 
 # The diffusers-format repositories the real presets correspond to; named in the error a user sees when
@@ -30,7 +31,8 @@ PRESET_REPOS = {
     "i2v_14b_480p": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
     "i2v_14b_720p": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
 }
-TINY_PRESETS = ("tiny", "tiny_i2v")
+# Built locally with random weights on first use (the real presets too, with model.random_weights=true).
+TINY_PRESETS = ("tiny", "tiny_i2v", "bench")
 MODEL_PRESETS = TINY_PRESETS + tuple(PRESET_REPOS)
 
 # diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
@@ -54,6 +56,8 @@ class ModelConfig:
     # Pickle checkpoints (.bin/.pt) can run code when read; only safetensors are read unless this is set,
     # and even then through torch.load(weights_only=True).
     allow_pickle: bool = False
+    # A real preset's official architecture with random weights, built locally: benchmarks without a download.
+    random_weights: bool = False
 
 
 @dataclass
@@ -100,6 +104,10 @@ class RunConfig:
     lora: list[LoraConfig] = field(default_factory=list)
     # Optional text-embedding cache folder; empty disables it.
     embedding_cache: str | None = None
+    # Attention kernel: auto (the fastest available: fa3, fa2, cudnn, sdpa) or one of them by name.
+    attention: str = "auto"
+    # torch.compile each DiT block (the first steps are slower while it compiles).
+    compile: bool = False
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -316,7 +324,10 @@ def validate_run(run: RunConfig) -> None:
     m = run.model
     if m.preset not in MODEL_PRESETS:
         _fail("model", m.preset, f"one of {', '.join(MODEL_PRESETS)}")
-    if m.preset in PRESET_REPOS and not m.path:
+    if m.random_weights and (m.path or m.preset not in PRESET_REPOS):
+        _fail("model.random_weights", True, f"false, or true with model=<{'|'.join(PRESET_REPOS)}> and no "
+              f"model.path (it builds that architecture with random weights)")
+    if m.preset in PRESET_REPOS and not m.path and not m.random_weights:
         raise ConfigError(
             f"model={m.preset} needs its weights: model.path is not set. Download the diffusers-format repo "
             f"{PRESET_REPOS[m.preset]} (e.g. `huggingface-cli download {PRESET_REPOS[m.preset]} --local-dir "
@@ -329,7 +340,7 @@ def validate_run(run: RunConfig) -> None:
         check_model_folder(m.path, m.allow_pickle)
         source = f"the folder's task, {task!r} (read from {m.path}/model_index.json)"
     else:
-        task = "i2v" if m.preset == "tiny_i2v" else "t2v"
+        task = "i2v" if "i2v" in m.preset else "t2v"
         source = f"{task!r}, the task of model={m.preset}"
     if m.task is not None and m.task != task:
         _fail("model.task", m.task, f"unset or {source}")
@@ -415,5 +426,7 @@ def validate_run(run: RunConfig) -> None:
             if video.exists():
                 _fail("output.dir", run.output.dir, f"a folder without {video.name} (a finished video is kept; "
                       "output.overwrite=true replaces it)")
+    if run.attention not in ATTENTION_KERNELS:
+        _fail("attention", run.attention, f"one of {', '.join(ATTENTION_KERNELS)}")
     if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
         _fail("embedding_cache", run.embedding_cache, "a folder")

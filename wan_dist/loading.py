@@ -6,6 +6,7 @@ weights, so the loading path is always the one under test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,20 +43,57 @@ def read_component_config(folder: str | Path, subfolder: str) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of a tiny random-weight Wan model: small enough that a CPU run takes seconds, with a head
-    count (3) that divides by no parallel degree but 3, so uneven heads are the normal case."""
+    """Sizes of a random-weight Wan model built locally. The default is the tiny model: small enough that a
+    CPU run takes seconds, with a head count (3) that divides by no parallel degree but 3, so uneven heads
+    are the normal case. `BUILT_SPECS` has the other sizes: a compute-bound CPU bench model and the
+    official architectures (for benchmarks without a download)."""
 
     task: str = "t2v"
     heads: int = 3
     head_dim: int = 12
     layers: int = 2
     ffn_dim: int = 48
+    freq_dim: int = 32
+    rope_max_seq_len: int = 32
     text_dim: int = 32
     text_layers: int = 2
     clip_dim: int = 32
     clip_image_size: int = 32
+    clip_patch_size: int = 8
     vae_base_dim: int = 8
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    vae_res_blocks: int = 1
+    # Scale of the attention outputs at init (see build_tiny_model); 1 keeps diffusers' own init.
+    attn_out_gain: tuple[float, float] = (4.0, 8.0)
+    # dtype the weights are stored in: the real sizes are written in bf16 to halve the disk they take.
+    save_dtype: str = "fp32"
     seed: int = 0
+
+
+def _official(task: str, heads: int, layers: int, ffn_dim: int) -> TinySpec:
+    """Wan2.1's published DiT and VAE dimensions; the text and image encoders are one-layer stand-ins of
+    the official widths (UMT5-XXL's 4096, CLIP ViT-H's 1280 at 224 px), which benchmarks keep on CPU."""
+    return TinySpec(
+        task=task, heads=heads, head_dim=128, layers=layers, ffn_dim=ffn_dim, freq_dim=256,
+        rope_max_seq_len=1024, text_dim=4096, text_layers=1, clip_dim=1280, clip_image_size=224,
+        clip_patch_size=14, vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
+        attn_out_gain=(1.0, 1.0), save_dtype="bf16",
+    )
+
+
+# Presets built locally with random weights (model=<name>, or model.random_weights=true for the real ones).
+BUILT_SPECS: dict[str, TinySpec] = {
+    "tiny": TinySpec(task="t2v"),
+    "tiny_i2v": TinySpec(task="i2v"),
+    # Compute-bound on one CPU core (a 512-wide DiT, about 90% of a step in its matmuls and attention at
+    # the bench's 192x320x17), yet built in seconds: what `make bench` measures parallel speed-ups on.
+    "bench": TinySpec(task="t2v", heads=8, head_dim=64, layers=4, ffn_dim=2048, freq_dim=256,
+                      text_dim=256, text_layers=1),
+    "t2v_1_3b": _official("t2v", heads=12, layers=30, ffn_dim=8960),
+    "t2v_14b": _official("t2v", heads=40, layers=40, ffn_dim=13824),
+    "i2v_14b_480p": _official("i2v", heads=40, layers=40, ffn_dim=13824),
+    "i2v_14b_720p": _official("i2v", heads=40, layers=40, ffn_dim=13824),
+}
 
 
 def _tiny_tokenizer(folder: Path) -> None:
@@ -78,61 +116,86 @@ def _tiny_tokenizer(folder: Path) -> None:
 
 def build_tiny_model(folder: str | Path, spec: TinySpec = TinySpec()) -> Path:
     """Write a deterministic random-weight Wan2.1 diffusers folder (T2V or I2V) to `folder`."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    folder = Path(folder)
+    torch.manual_seed(spec.seed)
+    with _default_dtype(_DTYPES[spec.save_dtype]):
+        components = _random_components(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_tokenizer(Path(tmp))
+        from transformers import AutoTokenizer
+        components["tokenizer"] = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+    pipeline_class = WanImageToVideoPipeline if spec.task == "i2v" else WanPipeline
+    pipeline_class(**components).save_pretrained(folder, safe_serialization=True)
+    (folder / "wan_dist_tiny.json").write_text(json.dumps({"version": TINY_FORMAT_VERSION, **asdict(spec)}))
+    return folder
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Building a 14B model in fp32 first would need 56 GB of memory; bf16 from the start halves it.
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build_transformer(spec: TinySpec):
+    """The spec's WanTransformer3DModel, randomly initialised (on the current default device)."""
     from diffusers import WanTransformer3DModel
+
+    i2v = spec.task == "i2v"
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
+        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
+        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=spec.rope_max_seq_len, image_dim=spec.clip_dim if i2v else None,
+        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
+    )
+
+
+def _random_components(spec: TinySpec) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from transformers import (
         CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel,
     )
 
-    folder = Path(folder)
-    torch.manual_seed(spec.seed)
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=128, d_model=spec.text_dim, d_kv=8, d_ff=spec.text_dim * 2, num_layers=spec.text_layers,
         num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0,
         eos_token_id=1, decoder_start_token_id=0,
     )).eval()
     vae = AutoencoderKLWan(
-        base_dim=spec.vae_base_dim, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+        base_dim=spec.vae_base_dim, z_dim=16, dim_mult=list(spec.vae_dim_mult), num_res_blocks=spec.vae_res_blocks,
         temperal_downsample=[False, True, True],
     ).eval()
     i2v = spec.task == "i2v"
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
-        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=32,
-        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32, image_dim=spec.clip_dim if i2v else None,
-        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
-    ).eval()
+    transformer = build_transformer(spec).eval()
+    self_gain, cross_gain = spec.attn_out_gain
     with torch.no_grad():
         # At random init the attention outputs are a small part of each block's update; strengthen them
         # so a mistake in how tokens or prompts are mixed shows clearly in the frames.
         for block in transformer.blocks:
-            block.attn1.to_out[0].weight.mul_(4.0)
-            block.attn2.to_out[0].weight.mul_(8.0)
+            block.attn1.to_out[0].weight.mul_(self_gain)
+            block.attn2.to_out[0].weight.mul_(cross_gain)
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        _tiny_tokenizer(Path(tmp))
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
-    components = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                      transformer=transformer)
+    components: dict[str, Any] = dict(text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                      transformer=transformer)
     if i2v:
-        image_encoder = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2,
-            num_hidden_layers=2, num_attention_heads=4, image_size=spec.clip_image_size, patch_size=8,
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2, num_hidden_layers=2,
+            num_attention_heads=4, image_size=spec.clip_image_size, patch_size=spec.clip_patch_size,
         )).eval()
-        image_processor = CLIPImageProcessor(
+        components["image_processor"] = CLIPImageProcessor(
             crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
             size={"shortest_edge": spec.clip_image_size},
         )
-        pipe = WanImageToVideoPipeline(image_encoder=image_encoder, image_processor=image_processor, **components)
-    else:
-        pipe = WanPipeline(**components)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    (folder / "wan_dist_tiny.json").write_text(json.dumps({"version": TINY_FORMAT_VERSION, **asdict(spec)}))
-    return folder
+    return components
 
 
 def cache_root() -> Path:
@@ -140,12 +203,14 @@ def cache_root() -> Path:
 
 
 def _tiny_folder(preset: str) -> Path:
-    return cache_root() / "models" / f"{preset}-v{TINY_FORMAT_VERSION}"
+    suffix = "" if preset in ("tiny", "tiny_i2v") else "-random"
+    return cache_root() / "models" / f"{preset}{suffix}-v{TINY_FORMAT_VERSION}"
 
 
 def ensure_tiny_model(preset: str) -> Path:
-    """The tiny model's folder, built once; concurrent builders race harmlessly (atomic rename)."""
-    spec = TinySpec(task="i2v" if preset == "tiny_i2v" else "t2v")
+    """A built preset's folder (`BUILT_SPECS`), built once; concurrent builders race harmlessly (atomic
+    rename)."""
+    spec = BUILT_SPECS[preset]
     folder = _tiny_folder(preset)
     if (folder / "model_index.json").is_file():
         return folder
@@ -179,7 +244,7 @@ def dit_num_heads(model: ModelConfig) -> int:
     """The DiT head count, for choosing the split; from config.json only (no weights)."""
     folder = tiny_model_folder_if_built(model)
     if folder is None:
-        return TinySpec().heads
+        return BUILT_SPECS[model.preset].heads
     return int(read_component_config(folder, "transformer")["num_attention_heads"])
 
 

@@ -21,6 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import __version__
+from .attention import DIFFUSERS_BACKENDS, resolve_kernel
 from .cfg_parallel import GuidedNoise
 from .config import ConfigError, RunConfig, check_loras, check_model_limits, output_names, read_prompts
 from .decode import decode_latents
@@ -159,12 +160,12 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     check_model_limits(run, vae_config, dit_config)
     check_loras(run, dit_config)
     check_sequence_length(dims, shape.num_tokens(tuple(dit_config["patch_size"])))
+    kernel = resolve_kernel(run.attention, device)
 
     is_dit = session.is_dit_rank
     role = "+".join(r for r, on in (("encoders+vae", rank == 0), ("dit", is_dit)) if on)
     metrics = RankMetrics(rank=rank, role=role, device=str(device))
     other_dit_ranks = [r for r in dims.dit_ranks if r != 0]
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     vae = encoder_rank = None
     if rank == 0:
@@ -180,8 +181,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
             apply_loras(transformer, list(run.lora))
             scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
         metrics.hold("dit", parameter_bytes(transformer))
-        parallelize_sequence(transformer, ulysses_group=session.group("ulysses"),
-                             ring_group=session.group("ring"), device=device)
+        parallelize_dit(transformer, session, kernel=kernel, compile_blocks=run.compile)
     if encoder_rank is not None:
         encoder_rank.start()
 
@@ -207,7 +207,7 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         latents = None
         if is_dit:
             tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device, session.inputs_group)
-            latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync,
+            latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics,
                                    description=f"video {index + 1}/{len(prompts)}")
             if index == len(prompts) - 1:
                 del transformer
@@ -251,6 +251,18 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     return report
 
 
+def parallelize_dit(transformer: torch.nn.Module, session: Session, *, kernel: str, compile_blocks: bool) -> None:
+    """Attention kernel, sequence split, then compilation: compiled blocks trace the hooks and processors
+    the split installed."""
+    if kernel != "sdpa":
+        transformer.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
+    parallelize_sequence(transformer, ulysses_group=session.group("ulysses"), ring_group=session.group("ring"),
+                         device=session.device, kernel=kernel)
+    if compile_blocks:
+        for block in transformer.blocks:
+            block.compile()
+
+
 def _check_writable(session: Session, out_dir: Path) -> None:
     """Rank 0 writes the outputs: find out now, not after the denoise, and stop every rank alike."""
     problem = None
@@ -266,7 +278,7 @@ def _check_writable(session: Session, out_dir: Path) -> None:
         raise ConfigError(problem)
 
 
-def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, sync, description):
+def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics, description):
     device, dims = session.device, session.dims
     embeds = {name: tensor.to(device) for name, tensor in tensors.items()}
     predictor = GuidedNoise(
@@ -282,7 +294,7 @@ def _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, m
         result = denoise(
             latents=initial_noise(shape, run.seed, device), scheduler=scheduler, steps=run.steps,
             predict_noise=predictor, model_dtype=dtypes.dit, condition=embeds.get("condition"),
-            show_progress=session.rank == dims.dit_leader, synchronize=sync, description=description,
+            show_progress=session.rank == dims.dit_leader, description=description,
         )
     metrics.step_seconds.append(result.step_seconds)
     return result.latents

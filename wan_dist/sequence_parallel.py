@@ -129,6 +129,7 @@ def parallelize_sequence(
     ulysses_group: dist.ProcessGroup,
     ring_group: dist.ProcessGroup,
     device: torch.device,
+    kernel: str = "auto",
 ) -> SequenceParallelHandle:
     """Shard a WanTransformer3DModel's tokens over the ulysses x ring groups (see the module doc)."""
     ulysses, ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
@@ -165,7 +166,8 @@ def parallelize_sequence(
         transformer.blocks[0].register_forward_pre_hook(shard_hidden, with_kwargs=True),
         transformer.proj_out.register_forward_hook(gather_output),
     ]
-    attention = SequenceParallelAttention(ulysses_group=ulysses_group, ring_group=ring_group, device=device)
+    attention = SequenceParallelAttention(ulysses_group=ulysses_group, ring_group=ring_group, device=device,
+                                          kernel=kernel)
     processor = SequenceParallelAttnProcessor(attention, layout)
     for block in transformer.blocks:
         handle.processors.append((block.attn1, block.attn1.processor))

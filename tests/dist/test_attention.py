@@ -34,6 +34,7 @@ class Case:
     pad: bool  # pass num_valid on every rank (forced when there is padding)
     dtype: str = "float32"
     extra_pad: int = 0  # padding tokens per rank beyond rounding seq_len up to a multiple of sp
+    kernel: str = "auto"
 
     @property
     def sp(self) -> int:
@@ -47,7 +48,7 @@ class Case:
     def id(self) -> str:
         return (
             f"r{self.ring}u{self.ulysses}-b{self.batch}-L{self.seq_len}-h{self.heads}"
-            f"-d{self.head_dim}-{'pad' if self.pad else 'nopad'}{self.extra_pad or ''}-{self.dtype}"
+            f"-d{self.head_dim}-{'pad' if self.pad else 'nopad'}{self.extra_pad or ''}-{self.dtype}-{self.kernel}"
         )
 
     @property
@@ -137,7 +138,7 @@ def run_cases(rank: int, world_size: int, device_type: str, cases: list[Case]) -
         ulysses_group, ring_group, uly_rank, ring_rank = _groups(case, world_size, device_type, meshes)
         before = (PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG)
         attn = SequenceParallelAttention(
-            ulysses_group=ulysses_group, ring_group=ring_group, device=device
+            ulysses_group=ulysses_group, ring_group=ring_group, device=device, kernel=case.kernel
         )
         globals_restored = (PROCESS_GROUP.ULYSSES_PG, PROCESS_GROUP.RING_PG) == before
 

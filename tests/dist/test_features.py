@@ -1,4 +1,4 @@
-"""LoRA, the Euler sampler, no guidance and prompt queues, each against diffusers; and what run.json
+"""LoRA, the Euler sampler, no guidance, compiled blocks and prompt queues, each against diffusers; and what run.json
 says about who holds which weights."""
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
         1: [Case("lora", folder, lora=lora), Case("euler", folder, scheduler="euler"),
             Case("no_guidance", folder, guidance_scale=1.0), Case("queue_single", folder, prompts_file=str(prompts_file))],
         2: [Case("queue_stage_split", folder, stage_split=True, prompts_file=str(prompts_file)),
-            Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0)],
+            Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0),
+            # torch.compile'd blocks trace the sequence split's hooks and processor (inductor's CPU code).
+            Case("compiled_ulysses", folder, ulysses=2, compile=True)],
     }
     cache = str(root / "embeddings")
     worlds[1] += [Case("cache_cold", folder, embedding_cache=cache), Case("cache_warm", folder, embedding_cache=cache)]
@@ -43,7 +45,7 @@ def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["lora", "euler", "no_guidance", "lora_cfg", "no_guidance_ulysses", "cache_cold",
-                                  "cache_warm"])
+                                  "cache_warm", "compiled_ulysses"])
 def test_feature_matches_diffusers(feature_results, name):
     case, out_dir = feature_results[name]
     error = max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **case.reference_kwargs()))

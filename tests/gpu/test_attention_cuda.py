@@ -3,6 +3,8 @@ SDPA, on one and two GPUs with nccl. The cases and the per-rank check are the gl
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -49,11 +51,21 @@ def _check(per_rank: list[dict[str, dict]], cases: list[Case]) -> None:
     assert not failures, "\n".join(failures)
 
 
+def _kernels() -> list[str]:
+    from wan_dist.attention import available_kernels
+
+    return available_kernels(torch.device("cuda")) if torch.cuda.is_available() else ["sdpa"]
+
+
 @_needs_gpus(1)
-def test_cuda_single_gpu_matches_sdpa() -> None:
-    _check(run_on_ranks(1, run_cases, "cuda", CASES_1, backend="nccl"), CASES_1)
+@pytest.mark.parametrize("kernel", _kernels())
+def test_cuda_single_gpu_matches_sdpa(kernel: str) -> None:
+    cases = [dataclasses.replace(case, kernel=kernel) for case in CASES_1]
+    _check(run_on_ranks(1, run_cases, "cuda", cases, backend="nccl"), cases)
 
 
 @_needs_gpus(2)
-def test_cuda_two_gpus_matches_sdpa() -> None:
-    _check(run_on_ranks(2, run_cases, "cuda", CASES_2, backend="nccl"), CASES_2)
+@pytest.mark.parametrize("kernel", _kernels())
+def test_cuda_two_gpus_matches_sdpa(kernel: str) -> None:
+    cases = [dataclasses.replace(case, kernel=kernel) for case in CASES_2]
+    _check(run_on_ranks(2, run_cases, "cuda", cases, backend="nccl"), cases)

@@ -74,3 +74,41 @@ def test_stage_split_prompt_queue_two_gpus(t2v_folder, tmp_path):
     for index, prompt in enumerate(prompts.read_text().splitlines()):
         reference = reference_frames(str(t2v_folder), **{**cases[0].reference_kwargs(), "prompt": prompt})
         assert max_abs_error(tmp_path / "queue" / f"frames_{index}.npy", reference) <= FP32_TOLERANCE
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")
+def test_step_loop_never_waits_for_the_gpu(t2v_folder):
+    """CUDA's sync debug mode raises on any synchronising call inside the loop: the model, the guidance,
+    the step clock. The Euler sampler is used because UniPC's order-2 corrector solves a 2x2 system with
+    torch.linalg.solve on the device, which checks its result on the host (diffusers' code, not ours)."""
+    from wan_dist.cfg_parallel import GuidedNoise
+    from wan_dist.loading import load_scheduler, load_transformer, read_component_config
+    from wan_dist.pipeline import denoise, initial_noise, latent_shape
+
+    device = torch.device("cuda", 0)
+    transformer = load_transformer(t2v_folder, torch.bfloat16, device)
+    text_dim = read_component_config(t2v_folder, "transformer")["text_dim"]
+    embeds = torch.randn(1, 512, text_dim, device=device, dtype=torch.bfloat16)
+    predictor = GuidedNoise(transformer, prompt_embeds=embeds, negative_prompt_embeds=embeds.flip(1),
+                            image_embeds=None, guidance_scale=5.0, cfg_group=None)
+    shape = latent_shape(read_component_config(t2v_folder, "vae"), height=48, width=80, num_frames=9)
+    latents = initial_noise(shape, 0, device)
+    scheduler = load_scheduler(t2v_folder, "euler", 3.0)
+    denoise(latents=latents, scheduler=scheduler, steps=2, predict_noise=predictor, model_dtype=torch.bfloat16,
+            show_progress=False)  # warm-up: kernels chosen, caches allocated
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        result = denoise(latents=latents, scheduler=load_scheduler(t2v_folder, "euler", 3.0), steps=4,
+                         predict_noise=predictor, model_dtype=torch.bfloat16, show_progress=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(result.step_seconds) == 4 and all(s > 0 for s in result.step_seconds)
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["cudnn", "sdpa"])
+def test_attention_kernels_and_compile_on_one_gpu(t2v_folder, tmp_path, attention):
+    cases = [Case(f"{attention}_bf16", str(t2v_folder), attention=attention),
+             Case(f"{attention}_compiled", str(t2v_folder), attention=attention, compile=True)]
+    run_on_ranks(1, run_cases, cases, str(tmp_path), backend="nccl", timeout=600)
+    _check(cases, tmp_path, BF16_TOLERANCE)

@@ -1,0 +1,35 @@
+"""`launch/bench.py` end to end on the tiny model: every layout it was asked for, diffusers' pipeline
+beside them, the derived columns, and the three output files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_reports_layouts_beside_diffusers(t2v_folder, tmp_path):
+    cmd = [sys.executable, "launch/bench.py", "--model", "tiny", "--nproc", "1", "2", "--queue", "2",
+           "--layouts", "diffusers", "single", "cfg", "queue", "--out", str(tmp_path), "--",
+           f"model.path={t2v_folder}", "steps=3", "height=48", "width=80", "num_frames=5"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (out,) = tmp_path.iterdir()
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    assert set(rows) == {"diffusers", "single", "cfg", "queue_single", "queue_stage_split"}
+    assert all(r["ok"] for r in rows.values())
+    assert rows["cfg"]["nproc"] == 2 and len(rows["cfg"]["peak_bytes"]) == 2
+    assert rows["queue_stage_split"]["videos"] == 2
+    assert rows["single"]["speedup"] == 1.0 and rows["cfg"]["efficiency"] == rows["cfg"]["speedup"] / 2
+    # 48x80 px, 5 frames: 2 latent frames of 3x5 patches, two branches per step.
+    assert report["tokens"] == 30 and report["flops_per_step"] > 0
+    assert report["peak"]["used_tflops"] > 0
+    for r in rows.values():
+        assert r["step_s"] > 0 and 0 < r["fraction_of_peak"] < 1
+    table = (out / "bench.md").read_text()
+    assert "| diffusers | 1 |" in table and "| cfg | 2 |" in table and "queue_stage_split" in table
+    assert (out / "bench.png").stat().st_size > 10_000

@@ -1,0 +1,117 @@
+"""The FLOP count against torch's own count of a real forward, the device peak table, the scaling model,
+the built architectures and the attention-kernel choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from wan_dist.attention import available_kernels, resolve_kernel
+from wan_dist.config import ConfigError, RunConfig, validate_run
+from wan_dist.loading import BUILT_SPECS, build_transformer, load_transformer, read_component_config
+from wan_dist.perf import (
+    NVLINK, PCIE, dit_flops, gpu_peak_tflops, measure_matmul_tflops, predict_step, step_flops,
+)
+
+
+@pytest.mark.parametrize("task", ["t2v", "i2v"])
+def test_dit_flops_match_torch_count(task, t2v_folder, i2v_folder):
+    """Every matmul of a real forward (attention decomposed by the math backend) is in the count."""
+    folder = t2v_folder if task == "t2v" else i2v_folder
+    config = read_component_config(folder, "transformer")
+    model = load_transformer(folder, torch.float32, torch.device("cpu"))
+    frames, height, width = 3, 6, 10
+    latents = torch.randn(1, config["in_channels"], frames, height, width)
+    text = torch.randn(1, 512, config["text_dim"])
+    image_tokens = 17
+    image = torch.randn(1, image_tokens, config["image_dim"]) if task == "i2v" else None
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+              encoder_hidden_states_image=image, return_dict=False)
+    tokens = frames * (height // 2) * (width // 2)
+    counted = dit_flops(config, tokens, image_tokens=image_tokens if task == "i2v" else 0)
+    assert counted.total == counter.get_total_flops()
+    assert counted.self_attention == config["num_layers"] * 4 * tokens**2 * config["num_attention_heads"] \
+        * config["attention_head_dim"]
+
+
+def test_step_flops_count_both_branches(t2v_folder):
+    config = read_component_config(t2v_folder, "transformer")
+    assert step_flops(config, 90, guided=True) == 2 * step_flops(config, 90, guided=False)
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                             ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                             ("NVIDIA L40S", 362.1), ("NVIDIA L40", 181.0), ("Some GPU", None)])
+def test_gpu_peak_table(name, peak):
+    assert gpu_peak_tflops(name) == peak
+
+
+def test_cpu_matmul_peak_is_measured():
+    assert 0 < measure_matmul_tflops(torch.device("cpu"), torch.float32, size=256, seconds=0.05) < 100
+
+
+def _official_config(preset: str) -> dict:
+    with torch.device("meta"):
+        transformer = build_transformer(BUILT_SPECS[preset])
+    return {"params": sum(p.numel() for p in transformer.parameters()), **transformer.config}
+
+
+@pytest.mark.parametrize(("preset", "low", "high"), [("t2v_1_3b", 1.3e9, 1.5e9), ("t2v_14b", 13.5e9, 14.5e9),
+                                                     ("i2v_14b_480p", 16e9, 17e9)])
+def test_official_architectures_have_their_size(preset, low, high):
+    assert low < _official_config(preset)["params"] < high
+
+
+def test_scaling_model():
+    config = _official_config("t2v_14b")
+    tokens = 21 * 45 * 80  # 720x1280, 81 frames
+    single = 36.0
+    for mode in ("ulysses", "ring"):
+        speedups = [predict_step(config, tokens, mode=mode, gpus=g, link=NVLINK, single_step_s=single).speedup
+                    for g in (2, 4, 8)]
+        assert speedups == sorted(speedups) and all(s <= g for s, g in zip(speedups, (2, 4, 8), strict=True))
+    nvlink = predict_step(config, tokens, mode="ulysses", gpus=8, link=NVLINK, single_step_s=single)
+    pcie = predict_step(config, tokens, mode="ulysses", gpus=8, link=PCIE, single_step_s=single)
+    assert pcie.communication_s > 10 * nvlink.communication_s and pcie.step_s > nvlink.step_s
+    cfg = predict_step(config, tokens, mode="cfg", gpus=2, link=PCIE, single_step_s=single)
+    assert cfg.speedup == pytest.approx(2.0, rel=1e-3)
+    with pytest.raises(ValueError):
+        predict_step(config, tokens, mode="cfg_ulysses", gpus=3, link=NVLINK, single_step_s=single)
+
+
+def test_random_weights_only_for_real_presets():
+    run = RunConfig()
+    run.model.preset, run.model.random_weights = "t2v_1_3b", True
+    validate_run(run)
+    assert run.model.task == "t2v"
+    run = RunConfig()
+    run.model.random_weights = True
+    with pytest.raises(ConfigError, match="model.random_weights"):
+        validate_run(run)
+
+
+def test_attention_kernel_choice():
+    cpu = torch.device("cpu")
+    assert available_kernels(cpu) == ["sdpa"] and resolve_kernel("auto", cpu) == "sdpa"
+    with pytest.raises(ConfigError, match="attention='cudnn' is not allowed"):
+        resolve_kernel("cudnn", cpu)
+    run = RunConfig()
+    run.attention = "flash"
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        validate_run(run)
+
+
+def test_scaling_model_against_the_official_14b_figures():
+    """Fitted to the 1- and 2-GPU end-to-end times, it predicts 4 and 8 H800s within 1% and 8%."""
+    from wan_dist.perf import WAN_OFFICIAL_14B_720P_H800, fit_official, official_comparison_markdown
+
+    fit = fit_official()
+    rows = {row["gpus"]: row for row in fit["rows"]}
+    for gpus in (1, 2):
+        assert rows[gpus]["predicted_s"] == pytest.approx(WAN_OFFICIAL_14B_720P_H800[gpus])
+    assert abs(rows[4]["error"]) < 0.01 and abs(rows[8]["error"]) < 0.08
+    assert 0 < fit["fixed_s"] < 100
+    assert "| 8 | 287.9 |" in official_comparison_markdown()

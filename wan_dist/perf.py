@@ -1,0 +1,256 @@
+"""What a denoising step costs: the DiT's FLOPs counted from its dimensions, the device's peak, and a
+model of each parallel mode's step time on more GPUs than a benchmark machine has.
+
+The FLOP count is of the work the model must do (linear layers, self-attention, cross-attention; a
+multiply-add is 2 FLOPs), not of what a kernel happens to execute, so achieved FLOP/s compare across
+modes and with diffusers' pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Wan2.1's text context (UMT5 tokens, padded) and CLIP ViT-H/14's 257 image tokens at 224 px (I2V).
+TEXT_TOKENS = 512
+IMAGE_TOKENS = 257
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets; matched against
+# torch.cuda.get_device_name() by substring, most specific first.
+GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+    ("H20", 148.0), ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1),
+    ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+)
+
+
+@dataclass(frozen=True)
+class DitFlops:
+    """FLOPs of one DiT forward (one CFG branch) over `tokens` video tokens."""
+
+    tokens: int
+    linear: float
+    self_attention: float
+    cross_attention: float
+
+    @property
+    def total(self) -> float:
+        return self.linear + self.self_attention + self.cross_attention
+
+
+def dit_flops(dit_config: dict, tokens: int, *, text_tokens: int = TEXT_TOKENS,
+              image_tokens: int | None = None) -> DitFlops:
+    """Count from a WanTransformer3DModel config.json: every matmul of the blocks, the embedders, the
+    patch embedding and the output projection; elementwise work and norms are left out (< 1%).
+    `image_tokens` (I2V) defaults to CLIP ViT-H's 257."""
+    dim = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
+    ffn, layers = dit_config["ffn_dim"], dit_config["num_layers"]
+    if image_tokens is None:
+        image_tokens = IMAGE_TOKENS if dit_config.get("image_dim") else 0
+    patch = math.prod(dit_config["patch_size"])
+    n = tokens
+    # Per block: q, k, v, o and the two FFN matmuls on the video tokens; cross-attention's q and o on the
+    # video tokens, k and v on the text (and image) tokens.
+    per_block_linear = 2 * n * dim * (4 * dim + 2 * ffn) + 2 * n * 2 * dim * dim \
+        + 2 * (text_tokens + image_tokens) * 2 * dim * dim
+    embed_linear = (
+        2 * n * dit_config["in_channels"] * patch * dim                     # patch embedding
+        + 2 * n * dim * dit_config["out_channels"] * patch                  # proj_out
+        + 2 * text_tokens * (dit_config["text_dim"] * dim + dim * dim)      # text embedder (2 layers)
+        + 2 * (dit_config["freq_dim"] * dim + dim * dim + dim * 6 * dim)    # time embedder and projection
+    )
+    if image_tokens:
+        image_dim = dit_config["image_dim"]
+        embed_linear += 2 * image_tokens * (image_dim * image_dim + image_dim * dim)
+    return DitFlops(
+        tokens=n,
+        linear=float(layers * per_block_linear + embed_linear),
+        # q @ k^T and p @ v: 2 matmuls of n x n x dim.
+        self_attention=float(layers * 4 * n * n * dim),
+        cross_attention=float(layers * 4 * n * (text_tokens + image_tokens) * dim),
+    )
+
+
+def step_flops(dit_config: dict, tokens: int, *, guided: bool) -> float:
+    """FLOPs of one denoising step: one DiT forward per CFG branch."""
+    return dit_flops(dit_config, tokens).total * (2 if guided else 1)
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    for name, peak in GPU_BF16_PEAK_TFLOPS:
+        if name.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, *, size: int = 0, seconds: float = 1.0) -> float:
+    """The best sustained matmul rate of this device (and, on CPU, of the threads torch uses)."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+
+    def timed(repeats: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed(2)
+    repeats = max(1, int(seconds / max(timed(1), 1e-6)))
+    best = min(timed(repeats) / repeats for _ in range(3))
+    return 2 * size**3 / best / 1e12
+
+
+# ------------------------------------------------------------------------------------------- scaling
+
+
+@dataclass(frozen=True)
+class Link:
+    name: str
+    bytes_per_s: float  # one direction, per GPU
+    latency_s: float = 10e-6
+
+
+NVLINK = Link("NVLink", 450e9)
+PCIE = Link("PCIe", 40e9)
+
+
+@dataclass(frozen=True)
+class StepPrediction:
+    mode: str
+    gpus: int
+    link: str
+    compute_s: float
+    communication_s: float
+    step_s: float
+    speedup: float
+
+
+def predict_step(
+    dit_config: dict,
+    tokens: int,
+    *,
+    mode: str,
+    gpus: int,
+    link: Link,
+    single_step_s: float,
+    guided: bool = True,
+    bytes_per_element: int = 2,
+) -> StepPrediction:
+    """Step time of `mode` (single, cfg, ulysses, ring, cfg_ulysses, cfg_ring) on `gpus` GPUs, from the
+    measured (or assumed) one-GPU step time.
+
+    Compute: CFG halves the step (one branch per half). Sequence parallelism divides the FLOP-weighted
+    share of a step that scales with the video tokens by its degree; the rest (the text/image keys and
+    values, the embedders) is repeated on every GPU. Communication, per DiT forward and GPU:
+    - Ulysses: four all-to-alls per block (q, k, v in; the output back), each moving (sp-1)/sp of this
+      GPU's shard of tokens/sp x dim;
+    - Ring: sp-1 passes of this GPU's key and value shards per block, overlapped with the block's
+      attention (only what exceeds it counts);
+    - CFG: one all-gather of the noise prediction per step.
+    Each message also pays the link's latency; links are assumed not shared with other traffic.
+    """
+    cfg = 2 if mode.startswith("cfg") else 1
+    sp_mode = mode.removeprefix("cfg").removeprefix("_") or "single"
+    if sp_mode not in ("single", "ulysses", "ring") or gpus % cfg or (cfg == 2 and not guided):
+        raise ValueError(f"no scaling model for mode {mode!r} on {gpus} GPU(s)")
+    sp = gpus // cfg if sp_mode != "single" else 1
+    if sp * cfg != gpus:
+        raise ValueError(f"mode {mode!r} uses {cfg * sp} GPU(s), not {gpus}")
+    flops = dit_flops(dit_config, tokens)
+    dim = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
+    layers = dit_config["num_layers"]
+    branches_per_gpu = (2 if guided else 1) // cfg
+    image_tokens = IMAGE_TOKENS if dit_config.get("image_dim") else 0
+    repeated = 2 * (TEXT_TOKENS + image_tokens) * 2 * dim * dim * layers \
+        + 2 * TEXT_TOKENS * (dit_config["text_dim"] * dim + dim * dim)
+    repeated_share = repeated / flops.total if sp > 1 else 0.0
+    compute = single_step_s / cfg * (repeated_share + (1 - repeated_share) / sp)
+    comm = 0.0
+    if cfg == 2:
+        latent_bytes = tokens * dit_config["out_channels"] * math.prod(dit_config["patch_size"]) * 4
+        comm += latent_bytes / link.bytes_per_s + link.latency_s
+    if sp > 1:
+        shard_bytes = tokens / sp * dim * bytes_per_element
+        if sp_mode == "ulysses":
+            per_block = 4 * (shard_bytes * (sp - 1) / sp / link.bytes_per_s + link.latency_s)
+        else:
+            kv = 2 * shard_bytes * (sp - 1) / link.bytes_per_s + (sp - 1) * link.latency_s
+            attention_s = single_step_s / (2 if guided else 1) * flops.self_attention / flops.total / layers / sp
+            per_block = max(0.0, kv - attention_s)
+        comm += per_block * layers * branches_per_gpu
+    step = compute + comm
+    return StepPrediction(mode, gpus, link.name, compute, comm, step, single_step_s / step)
+
+
+def scaling_table(
+    dit_config: dict, tokens: int, *, single_step_s: float, gpu_counts: tuple[int, ...] = (1, 2, 4, 8),
+    modes: tuple[str, ...] = ("ulysses", "ring"), links: tuple[Link, ...] = (NVLINK, PCIE), guided: bool = True,
+) -> list[dict]:
+    rows = []
+    for link in links:
+        for mode in modes:
+            for gpus in gpu_counts:
+                rows.append(asdict(predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link,
+                                                single_step_s=single_step_s, guided=guided)))
+    return rows
+
+
+# Wan2.1's published end-to-end seconds for T2V-14B at 720p (1280x720, 81 frames, 50 steps) on H800s.
+WAN_OFFICIAL_14B_720P_H800 = {1: 1837.9, 2: 945.1, 4: 497.0, 8: 287.9}
+WAN_14B_CONFIG = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40,
+                  "patch_size": [1, 2, 2], "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256}
+WAN_720P_TOKENS = 21 * 45 * 80  # 81 frames -> 21 latent frames; 720x1280 -> 90x160 latents -> 45x80 patches
+
+
+def fit_official(
+    measured: dict[int, float] = WAN_OFFICIAL_14B_720P_H800, *, mode: str = "ulysses", link: Link = NVLINK,
+    steps: int = 50, dit_config: dict = WAN_14B_CONFIG, tokens: int = WAN_720P_TOKENS,
+) -> dict:
+    """Fit the two unknowns of an end-to-end time, total(P) = fixed + steps * step(P), to the 1- and 2-GPU
+    figures (fixed: text encoding and VAE decode, which the parallel modes do not split), then predict
+    every P from the scaling model. step(P) is linear in the one-GPU step time s1: a_P * s1 + c_P."""
+    def line(gpus: int) -> tuple[float, float]:
+        at_one = predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link, single_step_s=1.0)
+        at_two = predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link, single_step_s=2.0)
+        slope = at_two.step_s - at_one.step_s
+        return slope, at_one.step_s - slope
+
+    slope2, offset2 = line(2)
+    single = ((measured[1] - measured[2]) / steps + offset2) / (1 - slope2)
+    fixed = measured[1] - steps * single
+    rows = []
+    for gpus in sorted(measured):
+        slope, offset = line(gpus)
+        predicted = fixed + steps * (slope * single + offset)
+        rows.append({"gpus": gpus, "official_s": measured[gpus], "predicted_s": predicted,
+                     "error": predicted / measured[gpus] - 1})
+    return {"mode": mode, "link": link.name, "single_step_s": single, "fixed_s": fixed, "rows": rows}
+
+
+def official_comparison_markdown() -> str:
+    """The fit on the official NVLink figures, and what the same GPUs would take over PCIe."""
+    fit = fit_official(link=NVLINK)
+    lines = ["| GPUs | official s (H800, NVLink) | predicted s, NVLink | predicted s, PCIe | predicted s/step, NVLink |",
+             "| --- | --- | --- | --- | --- |"]
+    for row in fit["rows"]:
+        gpus = row["gpus"]
+        steps = {link.name: predict_step(WAN_14B_CONFIG, WAN_720P_TOKENS, mode="ulysses", gpus=gpus, link=link,
+                                         single_step_s=fit["single_step_s"]).step_s for link in (NVLINK, PCIE)}
+        pcie_total = fit["fixed_s"] + 50 * steps["PCIe"]
+        lines.append(f"| {gpus} | {row['official_s']:.1f} | {row['predicted_s']:.1f} ({row['error']:+.1%}) "
+                     f"| {pcie_total:.1f} | {steps['NVLink']:.2f} |")
+    lines += ["", f"Fitted to the 1- and 2-GPU figures: {fit['single_step_s']:.2f} s per step on one GPU (both CFG "
+              f"branches), {fit['fixed_s']:.1f} s that no mode splits (text encoding, VAE decode)."]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(official_comparison_markdown())
