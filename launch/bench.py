@@ -18,6 +18,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from wan_dist.metrics import steady_step_seconds  # noqa: E402
 
 # (name, overrides) per world size; a layout is only run when it fits the world.
 LAYOUTS = {
@@ -42,13 +45,10 @@ def run_layout(name: str, nproc: int, overrides: list[str], out: Path) -> dict:
     if result.returncode != 0:
         return {"name": name, "nproc": nproc, "ok": False, "error": result.stderr.strip().splitlines()[-1:]}
     report = json.loads((out / "run.json").read_text())
-    steps = report["timings"]["steps_s"]
-    steps = steps if steps and isinstance(steps[0], float) else [s for video in steps for s in video]
     return {
         "name": name, "nproc": nproc, "ok": True, "wall_s": wall, "mesh": report["mesh"]["describe"],
         "timings": {k: v for k, v in report["timings"].items() if k != "steps_s"},
-        # The first step includes one-off warm-up; the median of the rest is the steady state.
-        "median_step_s": sorted(steps[1:] or steps)[len(steps[1:] or steps) // 2],
+        "median_step_s": steady_step_seconds(report["timings"]["steps_s"]),
         "peak_bytes": [m["peak_bytes"] for m in report["memory"]],
         "parameter_bytes": [m["peak_parameter_bytes"] for m in report["memory"]],
         "peak_kind": report["memory"][0]["peak_kind"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -63,3 +64,12 @@ def peak_memory_bytes(device: torch.device) -> int:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def steady_step_seconds(steps_s: list[float] | list[list[float]]) -> float | None:
+    """Median seconds per denoising step from run.json's `steps_s` (one list, or one per video of a
+    prompt queue), without the very first step, which carries one-off warm-up."""
+    steps = [s for video in steps_s for s in video] if steps_s and isinstance(steps_s[0], list) else list(steps_s)
+    if not steps:
+        return None
+    return statistics.median(steps[1:] or steps)
