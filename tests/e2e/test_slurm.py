@@ -1,6 +1,7 @@
 """launch/slurm/generate.sbatch on a real (throwaway, one-node) Slurm cluster: `sbatch --wait`, CPU and gloo,
 in both of its shapes: one task per node running torchrun (c10d rendezvous on the first node), and one task
-per rank without torchrun (ranks from Slurm's variables). Skipped without root or Slurm installed."""
+per rank without torchrun (ranks from Slurm's variables); and a Hydra sweep through
+`hydra/launcher=submitit_slurm`. Skipped without root or Slurm installed."""
 
 from __future__ import annotations
 
@@ -100,3 +101,24 @@ def test_sbatch_torchrun_default_ranks_and_exit_code(slurm_cluster, tmp_path):
     assert result.returncode != 0, output[-4000:]
     assert "error: height=50 is not allowed" in output, output[-4000:]
     assert not (out / "video.mp4").exists()
+
+
+def test_submitit_sweep_one_task_per_rank(slurm_cluster, tmp_path):
+    """`hydra/launcher=submitit_slurm`: each job a Slurm job of two tasks, ranks from Slurm's variables; the
+    summary and the shared embedding cache as with the torchrun launcher."""
+    sweep = tmp_path / "sweep"
+    env = slurm_cluster.env(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    for var in NOT_INHERITED:
+        env.pop(var, None)
+    cmd = [sys.executable, "launch/generate.py", "-m", "hydra/launcher=submitit_slurm",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+           "parallel=cfg,ulysses", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stderr[-4000:]}\n{slurm_cluster.logs()}"
+    reports = [json.loads((sweep / str(job) / "run.json").read_text()) for job in range(2)]
+    assert [(r["world_size"], r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [(2, 2, 1), (2, 1, 2)]
+    assert all((sweep / str(job) / "video.mp4").is_file() for job in range(2))
+    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[:4] for line in summary[1:]] == [["0", "parallel=cfg", "ok", "2"],
+                                                            ["1", "parallel=ulysses", "ok", "2"]]
