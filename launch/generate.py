@@ -3,6 +3,7 @@
     python launch/generate.py prompt="..."                         # a world of one
     torchrun --nproc_per_node=2 launch/generate.py prompt="..."    # two ranks, split chosen by parallel=
     srun -K python launch/generate.py ...                          # Slurm, one task per GPU
+    python launch/generate.py -m parallel=single,cfg               # a sweep: each job its own torchrun world
 """
 
 from __future__ import annotations

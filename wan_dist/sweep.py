@@ -87,7 +87,8 @@ def collect_jobs(sweep_dir: Path) -> list[JobRow]:
 def _label_and_compare(rows: list[JobRow]) -> None:
     """Label each job by the overrides not common to all jobs; speedup per step against the one-rank job
     that differs from it only in `parallel*` keys."""
-    common = set.intersection(*(set(r.overrides) for r in rows)) if rows else set()
+    # A lone job is labelled by all its overrides.
+    common = set.intersection(*(set(r.overrides) for r in rows)) if len(rows) > 1 else set()
     for row in rows:
         row.config = " ".join(o for o in row.overrides if o not in common) or "(defaults)"
 
@@ -180,7 +181,7 @@ def write_summary(sweep_dir: str | Path) -> list[JobRow]:
     write_csv(rows, sweep_dir / "summary.csv")
     write_markdown(rows, sweep_dir / "summary.md")
     write_chart(rows, sweep_dir / "summary.png")
-    log.info("sweep summary (%d jobs) in %s:\n%s", len(rows), sweep_dir / "summary.md",
+    log.info("sweep summary (%d job%s) in %s:\n%s", len(rows), "s"[: len(rows) != 1], sweep_dir / "summary.md",
              (sweep_dir / "summary.md").read_text())
     return rows
 
