@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wan_dist.metrics import steady_step_seconds  # noqa: E402
+from wan_dist.sweep import pyplot  # noqa: E402
 
 # (name, overrides) per world size; a layout is only run when it fits the world.
 LAYOUTS = {
@@ -70,12 +71,8 @@ def write_table(results: list[dict], path: Path) -> None:
 
 
 def write_plot(results: list[dict], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(path.name)
+    if plt is None:
         return
     ok = [r for r in results if r["ok"]]
     if not ok:

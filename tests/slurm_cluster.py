@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launching import free_port
+
 # Daemons live in sbin, which a non-login root shell may not have on PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -68,11 +70,6 @@ def missing_reason() -> str | None:
         raise RuntimeError(f"{' '.join(APT_PACKAGES)} installed, but {', '.join(still)} still missing")
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node_name() -> str:
@@ -130,8 +127,8 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=wandisttest",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

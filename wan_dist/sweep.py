@@ -132,16 +132,25 @@ def write_markdown(rows: list[JobRow], path: Path) -> None:
     path.write_text("\n".join(lines) + f"\n\n{notes}.\n")
 
 
-def write_chart(rows: list[JobRow], path: Path) -> bool:
-    """Seconds per step (with the speedup) and peak memory of each rank, per job. False without
-    matplotlib (the `plot` extra)."""
+def pyplot(purpose: str) -> Any:
+    """matplotlib.pyplot drawing to files, or None (with a warning naming `purpose`) without the `plot`
+    extra."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.warning("matplotlib is not installed (pip install 'wan_dist[plot]'): no %s", path.name)
+        log.warning("matplotlib is not installed (pip install 'wan_dist[plot]'): no %s", purpose)
+        return None
+    return plt
+
+
+def write_chart(rows: list[JobRow], path: Path) -> bool:
+    """Seconds per step (with the speedup) and peak memory of each rank, per job. False without
+    matplotlib."""
+    plt = pyplot(path.name)
+    if plt is None:
         return False
     ok = [r for r in rows if r.ok]
     names = [f"{r.config}\n({r.ranks} rank{'s' if r.ranks != 1 else ''})" for r in ok]

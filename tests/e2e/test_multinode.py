@@ -4,26 +4,17 @@ rank each) meeting by c10d rendezvous on 127.0.0.1, against the same run on one 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from tests.launching import free_port, launch_env
 from tests.reference import TOLERANCE, max_abs_error
 
 ROOT = Path(__file__).resolve().parents[2]
-NOT_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_ID")
 TIMEOUT_S = 300
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run_args(out: Path) -> list[str]:
@@ -31,8 +22,7 @@ def _run_args(out: Path) -> list[str]:
 
 
 def test_two_node_torchrun_matches_one_node(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-    env.update(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env = launch_env(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
 
     one_node = tmp_path / "one_node"
@@ -41,7 +31,7 @@ def test_two_node_torchrun_matches_one_node(tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     two_nodes = tmp_path / "two_nodes"
-    port = _free_port()
+    port = free_port()
     # --local-addr: each agent tells the other its address as 127.0.0.1, whatever the host name resolves to.
     agent = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
              f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=wan_dist_test_{port}", "--local-addr=127.0.0.1",

@@ -14,14 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.launching import launch_env
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "launch/slurm/generate.sbatch"
-# Launcher variables of whatever runs pytest; in the job, ranks must come from Slurm alone.
-NOT_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "TORCHELASTIC_RUN_ID", "NPROC_PER_NODE")
 
 
 # How each shape is asked for: sbatch options and the script's environment.
@@ -37,11 +35,8 @@ def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str, shape: str =
     Returns sbatch's result and the job's output file (all tasks' stdout and stderr)."""
     options, shape_env = SHAPES[shape]
     # SLURM_LABELIO: srun prefixes each output line with its task's rank ("1: ...").
-    env = cluster.env(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                      SLURM_LABELIO="1")
-    for var in NOT_INHERITED:
-        env.pop(var, None)
-    env.update(shape_env if script_env is None else script_env)
+    env = launch_env(cluster.env(), WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+                     PYTHONUNBUFFERED="1", SLURM_LABELIO="1", **(shape_env if script_env is None else script_env))
     # The script defaults to the checkout's .venv/bin/python; only another interpreter needs naming.
     if Path(sys.executable) != ROOT / ".venv" / "bin" / "python":
         env["WAN_DIST_PYTHON"] = sys.executable
@@ -107,9 +102,7 @@ def test_submitit_sweep_one_task_per_rank(slurm_cluster, tmp_path):
     """`hydra/launcher=submitit_slurm`: each job a Slurm job of two tasks, ranks from Slurm's variables; the
     summary and the shared embedding cache as with the torchrun launcher."""
     sweep = tmp_path / "sweep"
-    env = slurm_cluster.env(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    for var in NOT_INHERITED:
-        env.pop(var, None)
+    env = launch_env(slurm_cluster.env(), WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "launch/generate.py", "-m", "hydra/launcher=submitit_slurm",
            "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
            "parallel=cfg,ulysses", f"hydra.sweep.dir={sweep}"]

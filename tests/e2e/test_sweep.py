@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,17 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.launching import launch_env
 from tests.reference import TOLERANCE, max_abs_error
 
 ROOT = Path(__file__).resolve().parents[2]
-# Launcher variables of whatever runs pytest: the sweep must start as a plain process.
-NOT_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "TORCHELASTIC_RUN_ID", "SLURM_PROCID", "SLURM_STEP_ID")
 
 
 def _env(cache: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in NOT_INHERITED}
-    return {**env, "WAN_DIST_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    return launch_env(WAN_DIST_CACHE=str(cache), OMP_NUM_THREADS="1")
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")

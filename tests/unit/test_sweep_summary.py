@@ -89,3 +89,8 @@ def test_launcher_options_checked(kwargs, fragment):
 
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
         TorchrunLauncher(**kwargs)
+
+
+def test_lone_job_labelled_by_all_its_overrides(tmp_path):
+    _job(tmp_path, "0", ["parallel=cfg", "steps=2"], _report(2, [1.0, 1.0], 3.0, [0.5, 0.5]))
+    assert [r.config for r in collect_jobs(tmp_path)] == ["parallel=cfg steps=2"]
