@@ -34,9 +34,10 @@ test-gpu: $(STAMP)
 bench: $(STAMP)
 	$(PY) launch/bench.py $(ARGS)
 
-# Every 2-rank layout as one Hydra multirun under torchrun (conf/experiment/layouts_2ranks.yaml).
+# One rank, then every 2-rank layout, as one Hydra multirun: each job its own torchrun world (the torchrun
+# launcher, conf/experiment/layouts.yaml); summary.{csv,md,png} in the sweep dir at the end.
 sweep: $(STAMP)
-	$(TORCHRUN) --nproc_per_node=2 launch/generate.py -m +experiment=layouts_2ranks $(ARGS)
+	$(PY) launch/generate.py -m +experiment=layouts $(ARGS)
 
 clean:
 	rm -rf outputs multirun bench_results .pytest_cache

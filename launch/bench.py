@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -29,6 +28,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from wan_dist.metrics import steady_step_seconds  # noqa: E402
+from wan_dist.sweep import pyplot  # noqa: E402
 
 from wan_dist.perf import gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
 
@@ -60,11 +62,6 @@ QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
 
-def _median_step(steps: list) -> float:
-    flat = steps if steps and isinstance(steps[0], (int, float)) else [s for video in steps for s in video]
-    return statistics.median(flat[1:] or flat)
-
-
 def run_layout(name: str, nproc: int, overrides: list[str], out: Path) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(ROOT / "launch" / "generate.py"), *overrides, f"output.dir={out}", f"hydra.run.dir={out}/hydra"]
@@ -78,7 +75,7 @@ def run_layout(name: str, nproc: int, overrides: list[str], out: Path) -> dict:
     return {
         "name": name, "nproc": nproc, "ok": True, "wall_s": wall, "mesh": report["mesh"]["describe"],
         "dit_ranks": len(report["mesh"]["dit_ranks"]), "videos": len(report["videos"]),
-        "step_s": _median_step(t["steps_s"]), "denoise_s": t["denoise_s"], "total_s": t["total_s"],
+        "step_s": steady_step_seconds(t["steps_s"]), "denoise_s": t["denoise_s"], "total_s": t["total_s"],
         "timings": {k: v for k, v in t.items() if k != "steps_s"},
         "peak_bytes": [m["peak_bytes"] for m in report["memory"]], "peak_kind": report["memory"][0]["peak_kind"],
     }
@@ -129,7 +126,7 @@ def run_diffusers(spec: dict) -> dict:
     else:
         steps = [b - a for a, b in pairwise(events)]
     return {"name": "diffusers", "nproc": 1, "ok": True, "mesh": "diffusers WanPipeline", "dit_ranks": 1,
-            "videos": 1, "step_s": statistics.median(steps[1:] or steps), "denoise_s": sum(steps),
+            "videos": 1, "step_s": steady_step_seconds(steps), "denoise_s": sum(steps),
             "total_s": time.perf_counter() - start, "steps_s": steps,
             "peak_bytes": [peak_memory_bytes(device)], "peak_kind": "cuda_max_allocated" if device.type == "cuda"
             else "cpu_max_rss"}
@@ -215,12 +212,8 @@ def write_tables(report: dict, path: Path) -> None:
 
 
 def write_plot(report: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot(path.name)
+    if plt is None:
         return
     ok = [r for r in report["results"] if r["ok"] and r["videos"] == 1]
     if not ok:

@@ -3,6 +3,7 @@
     python launch/generate.py prompt="..."                         # a world of one
     torchrun --nproc_per_node=2 launch/generate.py prompt="..."    # two ranks, split chosen by parallel=
     srun -K python launch/generate.py ...                          # Slurm, one task per GPU
+    python launch/generate.py -m parallel=single,cfg               # a sweep: each job its own torchrun world
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -30,6 +32,7 @@ from wan_dist.loading import dit_num_heads, model_folder  # noqa: E402
 from wan_dist.parallel_dims import resolve_parallel_dims  # noqa: E402
 from wan_dist.runner import generate  # noqa: E402
 from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
+from wan_dist.sweep import shared_embedding_cache  # noqa: E402
 
 log = logging.getLogger("wan_dist")
 register_configs()
@@ -58,15 +61,20 @@ def main(cfg: DictConfig) -> None:
     try:
         check_schema_keys(cfg)
         run: RunConfig = OmegaConf.to_object(cfg)
+        hydra_cfg = HydraConfig.get()
+        if run.embedding_cache is None and hydra_cfg.mode == RunMode.MULTIRUN:
+            # Jobs run in this process or by another launcher (submitit) share one cache per sweep, as the
+            # torchrun launcher's jobs do: each prompt is encoded once.
+            run.embedding_cache = str(shared_embedding_cache(hydra_cfg.sweep.dir))
         validate_run(run)
         with distributed_session(
             lambda world: resolve_parallel_dims(run.parallel, world_size=world, num_heads=dit_num_heads(run.model),
                                                 guidance_scale=run.guidance_scale),
             timeout_s=run.parallel.timeout_s, env=env,
-            store_prefix=f"wan_dist/job{OmegaConf.select(HydraConfig.get(), 'job.num', default=0)}",
+            store_prefix=f"wan_dist/job{OmegaConf.select(hydra_cfg, 'job.num', default=0)}",
         ) as session:
             # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
-            out_dir = Path(session.agree(run.output.dir or HydraConfig.get().runtime.output_dir))
+            out_dir = Path(session.agree(run.output.dir or hydra_cfg.runtime.output_dir))
             run.output.dir = str(out_dir)  # recorded in run.json
             # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
             run.seed = session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31))

@@ -7,7 +7,6 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -18,11 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from tests.launching import free_port
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
@@ -81,7 +77,7 @@ def run_on_ranks(
     traceback of the rank that failed first (later failures are usually its peers losing connection).
     """
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as result_dir:
         procs = [
             ctx.Process(

@@ -7,8 +7,9 @@ of the machine's own Slurm or munge setup is read or touched.
     def test_x(slurm_cluster):
         subprocess.run(["sbatch", "--wait", ...], env=slurm_cluster.env())
 
-The fixture skips (with the reason) where the binaries are missing or we are not root; `.ci/run` installs
-them. Teardown cancels every job, stops the daemons and removes the dir, also when a test fails.
+The fixture installs slurm-wlm and munge with apt-get when they are missing; it skips (with the reason,
+shown by pytest's -rs) only where we are not root or there is no apt-get. Teardown cancels every job,
+stops the daemons and removes the dir, also when a test fails.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launching import free_port
+
 # Daemons live in sbin, which a non-login root shell may not have on PATH.
 SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/local/sbin", "/usr/sbin", "/sbin"])
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -36,20 +39,37 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 20.0
 
 
+APT_PACKAGES = ("slurm-wlm", "munge")
+
+
+def _missing_binaries() -> list[str]:
+    return [name for name in DAEMONS + CLIENTS + ("munge",) if not shutil.which(name, path=SEARCH_PATH)]
+
+
 def missing_reason() -> str | None:
-    """Why a cluster cannot be started here, or None."""
+    """Why a cluster cannot be started here, or None. Installs Debian's slurm-wlm and munge when they are
+    missing and we are root with apt-get; a failed install is an error, not a reason to skip."""
     if os.name != "posix" or os.geteuid() != 0:
         return "a throwaway Slurm cluster needs root (slurmd starts jobs as their submitting user)"
-    missing = [name for name in DAEMONS + CLIENTS + ("munge",) if not shutil.which(name, path=SEARCH_PATH)]
-    if missing:
-        return f"Slurm/munge not installed (missing {', '.join(missing)}): apt-get install slurm-wlm munge"
+    missing = _missing_binaries()
+    if not missing:
+        return None
+    apt = shutil.which("apt-get", path=SEARCH_PATH)
+    if apt is None:
+        return f"Slurm/munge not installed (missing {', '.join(missing)}) and no apt-get to install them"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    # The lock timeout: another apt run on the machine (a second test session) finishes first.
+    lock = ["-o", "DPkg::Lock::Timeout=600"]
+    for cmd in ([apt, *lock, "update", "-qq"],
+                [apt, *lock, "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{(result.stdout + result.stderr)[-3000:]}")
+    still = _missing_binaries()
+    if still:
+        raise RuntimeError(f"{' '.join(APT_PACKAGES)} installed, but {', '.join(still)} still missing")
     return None
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _node_name() -> str:
@@ -107,8 +127,8 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=wandisttest",
             f"SlurmctldHost={self.node}(127.0.0.1)",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

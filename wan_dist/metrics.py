@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -81,3 +82,12 @@ def current_memory_bytes(device: torch.device) -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # no procfs (macOS): the peak is the best there is
         return peak_memory_bytes(device)
+
+
+def steady_step_seconds(steps_s: list[float] | list[list[float]]) -> float | None:
+    """Median seconds per denoising step from run.json's `steps_s` (one list, or one per video of a
+    prompt queue), without the very first step, which carries one-off warm-up."""
+    steps = [s for video in steps_s for s in video] if steps_s and isinstance(steps_s[0], list) else list(steps_s)
+    if not steps:
+        return None
+    return statistics.median(steps[1:] or steps)

@@ -100,14 +100,32 @@ def _fill_sequence_axes(n: int, num_heads: int, both: bool) -> tuple[int, int]:
     return ulysses, n // ulysses
 
 
+def _pinned(p: ParallelConfig) -> tuple[dict[str, int | None], bool]:
+    """The degrees the preset and the explicit keys fix (None: left open), and whether to stage-split."""
+    preset = _PRESETS[p.preset]
+    explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
+    degrees = {axis: explicit[axis] if explicit[axis] is not None else preset.get(axis) for axis in explicit}
+    stage_split = p.stage_split if p.stage_split is not None else bool(preset.get("stage_split", False))
+    return degrees, stage_split
+
+
+def pinned_world_size(p: ParallelConfig) -> int | None:
+    """The world size a layout needs when its preset and explicit degrees fix every axis
+    (`parallel=single`: 1, `parallel=cfg`: 2), else None: it adapts to the world it is started in. An
+    unknown preset is None too; the run itself names the error."""
+    if p.preset not in _PRESETS:
+        return None
+    degrees, stage_split = _pinned(p)
+    if any(degree is None for degree in degrees.values()):
+        return None
+    return degrees["cfg"] * degrees["ulysses"] * degrees["ring"] + int(stage_split)
+
+
 def resolve_parallel_dims(
     p: ParallelConfig, *, world_size: int, num_heads: int, guidance_scale: float
 ) -> ParallelDims:
     """Fill what the preset and the explicit degrees leave open, then check the result."""
-    preset = dict(_PRESETS[p.preset])
-    explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
-    degrees = {axis: explicit[axis] if explicit[axis] is not None else preset.get(axis) for axis in explicit}
-    stage_split = p.stage_split if p.stage_split is not None else bool(preset.get("stage_split", False))
+    degrees, stage_split = _pinned(p)
     if stage_split and world_size < 2:
         raise ConfigError(
             "parallel.stage_split=true is not allowed with a world size of 1: it needs one rank for the "
@@ -115,8 +133,8 @@ def resolve_parallel_dims(
         )
     dit_world = world_size - int(stage_split)
     if degrees["cfg"] == 2 and guidance_scale <= 1:
-        key = "parallel.cfg_degree" if explicit["cfg"] is not None else "parallel"
-        value = degrees["cfg"] if explicit["cfg"] is not None else p.preset
+        key = "parallel.cfg_degree" if p.cfg_degree is not None else "parallel"
+        value = degrees["cfg"] if p.cfg_degree is not None else p.preset
         raise ConfigError(f"{key}={value!r} is not allowed with guidance_scale={guidance_scale}: without "
                           "guidance there is no unconditional branch for a cfg axis of 2")
 
@@ -144,6 +162,7 @@ def resolve_parallel_dims(
                               f"left after cfg_degree={degrees['cfg']}")
         r = rest // u
     if degrees["cfg"] * u * r != dit_world:
+        explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
         named = [f"parallel.{axis}_degree={explicit[axis]}" for axis in ("cfg", "ulysses", "ring") if explicit[axis]]
         split = " + 1 stage-split rank" if stage_split else ""
         needed = degrees["cfg"] * u * r + int(stage_split)

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # Enough steps that the denoise is still running when the test strikes.

@@ -74,14 +74,19 @@ def test_bad_degrees_fail_on_every_rank(tmp_path):
 
 
 def test_sweep_under_torchrun(tmp_path):
-    """`make sweep`: a Hydra multirun starts a process group per job in the same ranks."""
+    """A multirun inside one torchrun world: the jobs run in that world, a process group each, sharing the
+    sweep's embedding cache; the summary is written once, by rank 0."""
     sweep = tmp_path / "sweep"
     result = _torchrun(2, "-m", "+experiment=layouts_2ranks", f"hydra.sweep.dir={sweep}",
                        cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr[-3000:]
-    meshes = [json.loads((sweep / str(job) / "run.json").read_text())["mesh"] for job in range(4)]
-    assert [(m["cfg"], m["ulysses"], m["ring"], m["stage_split"]) for m in meshes] == [
-        (2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 1, True)]
+    reports = [json.loads((sweep / str(job) / "run.json").read_text()) for job in range(4)]
+    assert [(r["mesh"]["cfg"], r["mesh"]["ulysses"], r["mesh"]["ring"], r["mesh"]["stage_split"])
+            for r in reports] == [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (1, 1, 1, True)]
+    loaded = ["text_encoder" in r["memory"][0]["loaded_parameter_bytes"] for r in reports]
+    assert loaded == [True, False, False, False]
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert len(summary) == 5 and summary[1].startswith("0,parallel=cfg,ok,2,")
 
 
 def test_unwritable_output_dir_stops_before_denoising(tmp_path):

@@ -1,5 +1,7 @@
-"""launch/slurm/generate.sbatch on a real (throwaway, one-node) Slurm cluster: `sbatch --wait`, two tasks,
-ranks from Slurm's variables (srun, no torchrun), CPU and gloo. Skipped without root or Slurm installed."""
+"""launch/slurm/generate.sbatch on a real (throwaway, one-node) Slurm cluster: `sbatch --wait`, CPU and gloo,
+in both of its shapes: one task per node running torchrun (c10d rendezvous on the first node), and one task
+per rank without torchrun (ranks from Slurm's variables); and a Hydra sweep through
+`hydra/launcher=submitit_slurm`. Skipped without root or Slurm installed."""
 
 from __future__ import annotations
 
@@ -10,30 +12,36 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from tests.launching import launch_env
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = "launch/slurm/generate.sbatch"
-# Launcher variables of whatever runs pytest; in the job, ranks must come from Slurm alone.
-NOT_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
-def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, str]:
+# How each shape is asked for: sbatch options and the script's environment.
+SHAPES = {
+    "torchrun": (["--ntasks-per-node=1", "--cpus-per-task=2"], {"NPROC_PER_NODE": "2"}),
+    "tasks": (["--ntasks-per-node=2", "--cpus-per-task=1"], {}),
+}
+
+
+def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str, shape: str = "tasks",
+            script_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """Submit the project's script from the repo root, as a user would, and wait for the job to end.
     Returns sbatch's result and the job's output file (all tasks' stdout and stderr)."""
+    options, shape_env = SHAPES[shape]
     # SLURM_LABELIO: srun prefixes each output line with its task's rank ("1: ...").
-    env = cluster.env(WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                      SLURM_LABELIO="1")
-    for var in NOT_INHERITED:
-        env.pop(var, None)
+    env = launch_env(cluster.env(), WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+                     PYTHONUNBUFFERED="1", SLURM_LABELIO="1", **(shape_env if script_env is None else script_env))
     # The script defaults to the checkout's .venv/bin/python; only another interpreter needs naming.
     if Path(sys.executable) != ROOT / ".venv" / "bin" / "python":
         env["WAN_DIST_PYTHON"] = sys.executable
     log = tmp_path / "job.out"
-    cmd = ["sbatch", "--wait", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={log}", SCRIPT,
+    cmd = ["sbatch", "--wait", *options, f"--output={log}", SCRIPT,
            # after the script's own hydra.run.dir, so it wins: nothing is written into the checkout
            f"hydra.run.dir={tmp_path / 'hydra'}", *overrides]
     result = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -41,15 +49,19 @@ def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str) -> tuple[sub
     return result, output
 
 
-def test_sbatch_two_tasks_matches_diffusers(slurm_cluster, tmp_path):
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_sbatch_two_ranks_matches_diffusers(slurm_cluster, tmp_path, shape):
     out = tmp_path / "out"
-    result, output = _sbatch(slurm_cluster, tmp_path, f"output.dir={out}", "output.save_frames=true")
+    result, output = _sbatch(slurm_cluster, tmp_path, f"output.dir={out}", "output.save_frames=true", shape=shape)
     assert result.returncode == 0, f"{result.stderr}\n--- job output\n{output[-4000:]}\n{slurm_cluster.logs()}"
     assert (out / "video.mp4").is_file() and (out / "run.json").is_file(), output[-4000:]
 
     report = json.loads((out / "run.json").read_text())
-    # Two ranks, and the only source of rank/world size in the job was Slurm (SLURM_PROCID/SLURM_NTASKS).
+    # Two ranks; the only sources of rank and world size in the job were Slurm's variables ("tasks") or
+    # the torchrun the script started ("torchrun").
     assert report["world_size"] == 2 and len(report["memory"]) == 2
+    banner = {"torchrun": "1 node(s) x 2 rank(s)", "tasks": "2 tasks on 1 node(s), one rank each"}[shape]
+    assert f"wan_dist: {banner}" in output, output[-4000:]
     assert report["backend"] == "gloo"
     assert report["mesh"]["cfg"] == 2  # parallel=auto on two ranks with guidance 5
     assert "2 rank(s)" in output, output[-4000:]
@@ -73,3 +85,33 @@ def test_sbatch_bad_config_fails_on_every_task(slurm_cluster, tmp_path):
         assert re.search(r"^srun: error: .*tasks? [\d,-]+: Terminated", output, re.MULTILINE), output[-4000:]
     assert not (out / "video.mp4").exists()
     assert not (tmp_path / "cache" / "models").exists(), "the tiny model was built before the error"
+
+
+def test_sbatch_torchrun_default_ranks_and_exit_code(slurm_cluster, tmp_path):
+    """Without NPROC_PER_NODE or GPUs, one rank per node; a failing run fails the job."""
+    out = tmp_path / "out"
+    result, output = _sbatch(slurm_cluster, tmp_path, "height=50", f"output.dir={out}", shape="torchrun",
+                             script_env={})
+    assert "wan_dist: 1 node(s) x 1 rank(s)" in output, output[-4000:]
+    assert result.returncode != 0, output[-4000:]
+    assert "error: height=50 is not allowed" in output, output[-4000:]
+    assert not (out / "video.mp4").exists()
+
+
+def test_submitit_sweep_one_task_per_rank(slurm_cluster, tmp_path):
+    """`hydra/launcher=submitit_slurm`: each job a Slurm job of two tasks, ranks from Slurm's variables; the
+    summary and the shared embedding cache as with the torchrun launcher."""
+    sweep = tmp_path / "sweep"
+    env = launch_env(slurm_cluster.env(), WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "launch/generate.py", "-m", "hydra/launcher=submitit_slurm",
+           "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+           "parallel=cfg,ulysses", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{result.stderr[-4000:]}\n{slurm_cluster.logs()}"
+    reports = [json.loads((sweep / str(job) / "run.json").read_text()) for job in range(2)]
+    assert [(r["world_size"], r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [(2, 2, 1), (2, 1, 2)]
+    assert all((sweep / str(job) / "video.mp4").is_file() for job in range(2))
+    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
+    summary = (sweep / "summary.csv").read_text().splitlines()
+    assert [line.split(",")[:4] for line in summary[1:]] == [["0", "parallel=cfg", "ok", "2"],
+                                                            ["1", "parallel=ulysses", "ok", "2"]]

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from wan_dist.config import ConfigError, ParallelConfig
-from wan_dist.parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
+from wan_dist.parallel_dims import ParallelDims, check_sequence_length, pinned_world_size, resolve_parallel_dims
 
 
 def resolve(preset: str = "auto", *, world: int, heads: int = 12, guidance: float = 5.0, **degrees) -> ParallelDims:
@@ -284,3 +284,24 @@ def test_check_sequence_length():
 def test_check_sequence_length_ignores_cfg():
     dims = ParallelDims(cfg=2, ring=1, ulysses=1, stage_split=False, world_size=2)
     check_sequence_length(dims, 1)
+
+
+# ------------------------------------------------------------------------------------ pinned world size
+
+
+@pytest.mark.parametrize("preset, degrees, expected", [
+    ("single", {}, 1),
+    ("cfg", {}, 2),
+    ("cfg", {"stage_split": True}, 3),
+    ("usp", {"ulysses_degree": 2, "ring_degree": 2}, 4),
+    ("auto", {"cfg_degree": 2, "ulysses_degree": 2, "ring_degree": 1}, 4),
+    ("auto", {}, None),
+    ("ulysses", {}, None),
+    ("stage_split", {"cfg_degree": 1}, None),
+    ("no_such_preset", {}, None),
+])
+def test_pinned_world_size(preset, degrees, expected):
+    p = ParallelConfig(preset=preset, **degrees)
+    assert pinned_world_size(p) == expected
+    if expected is not None:  # the pinned world is one the layout actually resolves on
+        assert resolve(preset, world=expected, **degrees).world_size == expected
