@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
 from wan_dist.config import (  # noqa: E402
     ConfigError, RunConfig, check_schema_keys, composition_error_line, register_configs, validate_run,
 )
@@ -57,6 +58,7 @@ def _quiet_other_ranks(rank: int) -> None:
 def main(cfg: DictConfig) -> None:
     env = rank_env()
     _quiet_other_ranks(env.rank)
+    keep_freed_host_memory()  # process-wide, so decided here, by the program, not by the library
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         check_schema_keys(cfg)
