@@ -106,6 +106,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def _exact(value: float | None) -> str:
+    # The CSV is for further computation: six significant digits, so tiny per-step times keep their ratios.
+    return "" if value is None else f"{value:.6g}"
+
+
 def write_csv(rows: list[JobRow], path: Path) -> None:
     most_ranks = max((len(r.peak_gib) for r in rows), default=0)
     with open(path, "w", newline="") as handle:
@@ -114,8 +119,8 @@ def write_csv(rows: list[JobRow], path: Path) -> None:
                         + [f"peak_gib_rank{i}" for i in range(most_ranks)])
         for r in rows:
             writer.writerow([r.job, r.config, "ok" if r.ok else "failed", r.ranks or "", r.mesh,
-                             _fmt(r.step_s, 4), _fmt(r.total_s), _fmt(r.speedup)]
-                            + [_fmt(g) for g in r.peak_gib] + [""] * (most_ranks - len(r.peak_gib)))
+                             _exact(r.step_s), _exact(r.total_s), _exact(r.speedup)]
+                            + [_exact(g) for g in r.peak_gib] + [""] * (most_ranks - len(r.peak_gib)))
 
 
 def write_markdown(rows: list[JobRow], path: Path) -> None:

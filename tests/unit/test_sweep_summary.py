@@ -62,7 +62,7 @@ def test_files(sweep):
     with open(sweep / "summary.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["job"], r["status"], r["speedup"], r["peak_gib_rank1"]) for r in rows] == [
-        ("0", "ok", "1.000", ""), ("2", "ok", "2.000", "0.600"), ("10", "ok", "1.000", ""), ("11", "failed", "", "")]
+        ("0", "ok", "1", ""), ("2", "ok", "2", "0.6"), ("10", "ok", "1", ""), ("11", "failed", "", "")]
     markdown = (sweep / "summary.md").read_text()
     assert "| 2 | parallel=cfg steps=4 | 2 | 2 ranks | 1.000 | 6.00 | 2.00x | 0.70 / 0.60 |" in markdown
     assert "| 11 | parallel=cfg steps=8 | failed (no run.json) |" in markdown
