@@ -69,8 +69,12 @@ class TorchrunLauncher(Launcher):
         returns = [self._run_job(initial_job_idx + i, list(overrides)) for i, overrides in enumerate(job_overrides)]
         failed = [r for r in returns if r.status == JobStatus.FAILED]
         if failed:
-            log.error("%d of %d jobs failed; summarize the others with: python -m wan_dist.sweep %s",
-                      len(failed), len(returns), self.config.hydra.sweep.dir)
+            log.error("%d of %d jobs failed", len(failed), len(returns))
+            # Hydra's sweeper raises on a failed job before the end-of-sweep callbacks run, so the summary
+            # of what did finish is written here.
+            from wan_dist.sweep import write_summary
+
+            write_summary(self.config.hydra.sweep.dir)
         return returns
 
     def _run_job(self, idx: int, overrides: list[str]) -> JobReturn:

@@ -88,4 +88,7 @@ def test_sweep_with_failing_jobs_exits_non_zero(tmp_path):
         assert f"error: height={height} is not allowed" in (sweep / str(job) / "job.log").read_text()
     assert "job 0 (parallel=single height=50) failed: torchrun exited with" in output, output[-3000:]
     assert "2 of 2 jobs failed" in output
+    # The summary is written all the same, with the failures in it.
+    with open(sweep / "summary.csv") as handle:
+        assert [(r["job"], r["status"]) for r in csv.DictReader(handle)] == [("0", "failed"), ("1", "failed")]
     assert not (tmp_path / "cache" / "models").exists()
