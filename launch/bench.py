@@ -90,14 +90,14 @@ def run_diffusers(spec: dict) -> dict:
     import torch
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
+    from wan_dist.loading import resolve_dtype
     from wan_dist.metrics import peak_memory_bytes
 
     start = time.perf_counter()
     device = torch.device(spec["device"])
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     folder = spec["folder"]
-    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer",
-                                                        dtype=dtypes[spec["dit_dtype"]]).to(device)
+    dit_dtype = resolve_dtype(spec["dit_dtype"], device, gpu_default=torch.bfloat16)
+    transformer = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", dtype=dit_dtype).to(device)
     vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32).to(device)
     pipe = WanPipeline.from_pretrained(folder, transformer=transformer, vae=vae, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -257,7 +257,7 @@ def resolve_run(overrides: list[str]) -> dict:
     from omegaconf import OmegaConf
 
     from wan_dist.config import RunConfig, register_configs, validate_run
-    from wan_dist.loading import model_folder, read_component_config, resolve_dtype
+    from wan_dist.loading import model_folder, read_component_config
     from wan_dist.pipeline import latent_shape
 
     register_configs()
@@ -270,13 +270,12 @@ def resolve_run(overrides: list[str]) -> dict:
     dit_config = read_component_config(folder, "transformer")
     shape = latent_shape(read_component_config(folder, "vae"), height=run.height, width=run.width,
                          num_frames=run.num_frames)
-    dit_dtype = resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16)
     return {
         "folder": str(folder), "device": str(device), "dit_config": dit_config,
         "tokens": shape.num_tokens(tuple(dit_config["patch_size"])), "height": run.height, "width": run.width,
         "num_frames": run.num_frames, "steps": run.steps, "guidance_scale": run.guidance_scale,
         "seed": run.seed if run.seed >= 0 else 0, "prompt": run.prompt, "negative_prompt": run.negative_prompt,
-        "dit_dtype": {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dit_dtype],
+        "dit_dtype": run.model.dit_dtype,  # resolved for the device by the diffusers run, as the app does
     }
 
 

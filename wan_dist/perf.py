@@ -168,9 +168,9 @@ def predict_step(
     dim = dit_config["num_attention_heads"] * dit_config["attention_head_dim"]
     layers = dit_config["num_layers"]
     branches_per_gpu = (2 if guided else 1) // cfg
-    image_tokens = IMAGE_TOKENS if dit_config.get("image_dim") else 0
-    repeated = 2 * (TEXT_TOKENS + image_tokens) * 2 * dim * dim * layers \
-        + 2 * TEXT_TOKENS * (dit_config["text_dim"] * dim + dim * dim)
+    # What does not scale with the video tokens is repeated on every sequence-parallel GPU: the text/image
+    # keys and values and the embedders, i.e. the FLOPs of a forward over no video tokens.
+    repeated = dit_flops(dit_config, 0).total
     repeated_share = repeated / flops.total if sp > 1 else 0.0
     compute = single_step_s / cfg * (repeated_share + (1 - repeated_share) / sp)
     comm = 0.0
