@@ -68,6 +68,8 @@ class ParallelConfig:
     ring_degree: int | None = None
     stage_split: bool | None = None
     timeout_s: float = 1800.0
+    # CPU runs: each rank on cores of its own when the node's ranks x threads fit its cores.
+    pin_cpus: bool = True
 
 
 @dataclass
@@ -108,6 +110,9 @@ class RunConfig:
     attention: str = "auto"
     # torch.compile each DiT block (the first steps are slower while it compiles).
     compile: bool = False
+    # Each block's cross-attention keys and values computed once per prompt, not once per step (exact;
+    # wan_dist/context_cache.py). Not with compile=true, whose blocks are traced without the cache.
+    context_cache: bool = True
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -24,6 +24,7 @@ from . import __version__
 from .attention import DIFFUSERS_BACKENDS, resolve_kernel
 from .cfg_parallel import GuidedNoise
 from .config import ConfigError, RunConfig, check_loras, check_model_limits, output_names, read_prompts
+from .context_cache import cache_context_kv
 from .decode import decode_latents
 from .loading import (
     apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
@@ -181,7 +182,8 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
             apply_loras(transformer, list(run.lora))
             scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
         metrics.hold("dit", parameter_bytes(transformer))
-        parallelize_dit(transformer, session, kernel=kernel, compile_blocks=run.compile)
+        parallelize_dit(transformer, session, kernel=kernel, compile_blocks=run.compile,
+                        context_cache=run.context_cache)
     if encoder_rank is not None:
         encoder_rank.start()
 
@@ -251,11 +253,14 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
     return report
 
 
-def parallelize_dit(transformer: torch.nn.Module, session: Session, *, kernel: str, compile_blocks: bool) -> None:
-    """Attention kernel, sequence split, then compilation: compiled blocks trace the hooks and processors
-    the split installed."""
+def parallelize_dit(transformer: torch.nn.Module, session: Session, *, kernel: str, compile_blocks: bool,
+                    context_cache: bool = False) -> None:
+    """Attention kernel, context cache, sequence split, then compilation: compiled blocks trace the hooks
+    and processors the split installed."""
     if kernel != "sdpa":
         transformer.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
+    if context_cache and not compile_blocks:
+        cache_context_kv(transformer)
     parallelize_sequence(transformer, ulysses_group=session.group("ulysses"), ring_group=session.group("ring"),
                          device=session.device, kernel=kernel)
     if compile_blocks:
