@@ -143,6 +143,39 @@ def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# One process's single-thread matmul rate over a window that starts at a given wall-clock time, so that
+# processes started together measure the same window.
+_RATE_CODE = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+torch.mm(a, b)
+start_at, seconds = float(sys.argv[1]), float(sys.argv[2])
+while time.time() < start_at:
+    time.sleep(0.001)
+count, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    torch.mm(a, b)
+    count += 1
+print(count / (time.perf_counter() - t0))
+"""
+
+
+def _matmul_rates(processes: int, seconds: float) -> list[float]:
+    start_at = time.time() + 3.0  # after every process has imported torch
+    procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    return [float(p.communicate()[0]) for p in procs]
+
+
+def parallel_ceiling(processes: int, seconds: float = 2.0) -> float:
+    """How many times one single-thread process's matmul rate `processes` of them reach together, now.
+    On a machine of its own this is the rank count; on a shared or virtual one the host's other load and
+    its placement of the virtual cores take their share, and no layout can beat it."""
+    alone = _matmul_rates(1, seconds)[0]
+    return sum(_matmul_rates(processes, seconds)) / alone
+
+
 def _peak_subprocess(device: str) -> dict:
     """Measured in a fresh process with the ranks' thread count, so it is what one rank can reach."""
     code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.perf import measure_matmul_tflops as m; "
@@ -161,7 +194,7 @@ def _best_round(rounds: list[dict]) -> dict:
         return next(r for r in rounds if not r["ok"])
     key = "total_s" if ok[0]["videos"] > 1 else "step_s"
     best = dict(min(ok, key=lambda r: r[key]))
-    best["rounds"] = [{"step_s": r["step_s"], "total_s": r["total_s"]} for r in ok]
+    best["rounds"] = [{"step_s": r["step_s"], "total_s": r["total_s"], "ceiling": r.get("ceiling")} for r in ok]
     return best
 
 
@@ -189,20 +222,24 @@ def write_tables(report: dict, path: Path) -> None:
              + (f", best of {report['repeat']} rounds" if report["repeat"] > 1 else ""),
              "", f"DiT work per step: {report['flops_per_step'] / 1e12:.2f} TFLOP; peak used for the fraction: "
              f"{peak['used_tflops']:.3f} TFLOP/s per rank ({peak['source']}).", "",
-             "| layout | ranks | mesh | s/step | vs diffusers | speedup | efficiency | end-to-end s | DiT TFLOP/s/rank "
-             "| of peak | peak GiB per rank |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             *(["Machine ceiling: how many times one single-thread process's matmul rate as many processes "
+                "reached together, measured just before that layout's run (its best round's); no layout can "
+                "beat it.", ""] if any(r.get("ceiling") for r in report["results"]) else []),
+             "| layout | ranks | mesh | s/step | vs diffusers | speedup | efficiency | machine ceiling | end-to-end s "
+             "| DiT TFLOP/s/rank | of peak | peak GiB per rank |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     diffusers = next((r for r in report["results"] if r["ok"] and r["name"] == "diffusers"), None)
     for r in report["results"]:
         if not r["ok"]:
-            lines.append(f"| {r['name']} | {r['nproc']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | {r['nproc']} | failed: {r['error']} | | | | | | | | | |")
             continue
         if r["videos"] != 1:
             continue
         vs = diffusers["step_s"] / r["step_s"] if diffusers else None
         peaks = " / ".join(f"{b / 2**30:.2f}" for b in r["peak_bytes"])
         lines.append(f"| {r['name']} | {r['nproc']} | {r['mesh']} | {r['step_s']:.3f} | {_fmt(vs, '.3f')}x "
-                     f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('efficiency'), '.0%')} | {r['total_s']:.1f} "
+                     f"| {_fmt(r.get('speedup'), '.2f')} | {_fmt(r.get('efficiency'), '.0%')} "
+                     f"| {_fmt(r.get('ceiling'), '.2f')} | {r['total_s']:.1f} "
                      f"| {r['dit_tflops_per_rank']:.3f} | {r['fraction_of_peak']:.0%} | {peaks} |")
     queue = [r for r in report["results"] if r["ok"] and r["videos"] > 1]
     if queue:
@@ -342,8 +379,14 @@ def main() -> None:
     for round_index in range(args.repeat):
         for name, nproc, layout in runs:
             where = out / f"round{round_index}" / (name if layout is None else f"{nproc}_{name}")
+            # On CPU, the machine's parallel ceiling right before each multi-rank run: the host's share of
+            # the cores changes from minute to minute on a virtual machine.
+            ceiling = parallel_ceiling(nproc) if not on_gpu and layout is not None and nproc > 1 else None
             result = run_diffusers_subprocess(spec, where) if layout is None else run_layout(name, nproc, layout, where)
-            brief = {k: result.get(k) for k in ("name", "nproc", "ok", "step_s", "total_s", "error") if k in result}
+            if ceiling is not None and result["ok"]:
+                result["ceiling"] = ceiling
+            brief = {k: result.get(k) for k in ("name", "nproc", "ok", "step_s", "total_s", "ceiling", "error")
+                     if k in result}
             print(json.dumps({"round": round_index, **brief}), flush=True)
             rounds[name].append(result)
     results = [_best_round(rounds[name]) for name, _, _ in runs]

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
@@ -26,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
+from wan_dist.cpu_affinity import pin_cpu_rank  # noqa: E402
 from wan_dist.config import (  # noqa: E402
     ConfigError, RunConfig, check_schema_keys, composition_error_line, register_configs, validate_run,
 )
@@ -69,6 +71,9 @@ def main(cfg: DictConfig) -> None:
             # torchrun launcher's jobs do: each prompt is encoded once.
             run.embedding_cache = str(shared_embedding_cache(hydra_cfg.sweep.dir))
         validate_run(run)
+        if run.parallel.pin_cpus and not torch.cuda.is_available():
+            # Before the process group starts its threads, so that they inherit the rank's cores.
+            pin_cpu_rank(env.local_rank, env.local_world_size, torch.get_num_threads())
         with distributed_session(
             lambda world: resolve_parallel_dims(run.parallel, world_size=world, num_heads=dit_num_heads(run.model),
                                                 guidance_scale=run.guidance_scale),

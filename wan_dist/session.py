@@ -55,6 +55,7 @@ class RankEnv:
     master_addr: str
     master_port: int
     launcher: str
+    local_world_size: int = 1  # ranks on this node, where the launcher says (torchrun)
 
 
 def _first_slurm_host(nodelist: str) -> str:
@@ -77,7 +78,7 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
         return RankEnv(
             rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 29500)),
-            launcher="torchrun",
+            launcher="torchrun", local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
         )
     # Only an srun step's tasks are ranks: the batch script itself also sees SLURM_PROCID=0 and the job's
     # SLURM_NTASKS, and would wait forever for peers that never start. Steps carry SLURM_STEP_ID.

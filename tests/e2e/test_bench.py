@@ -24,6 +24,8 @@ def test_bench_reports_layouts_beside_diffusers(t2v_folder, tmp_path):
     assert all(r["ok"] for r in rows.values())
     assert rows["cfg"]["nproc"] == 2 and len(rows["cfg"]["peak_bytes"]) == 2
     assert rows["queue_stage_split"]["videos"] == 2
+    # The machine's parallel ceiling is measured before each multi-rank run on CPU, and only then.
+    assert 0.5 < rows["cfg"]["ceiling"] < 2.5 and "ceiling" not in rows["single"]
     assert rows["single"]["speedup"] == 1.0 and rows["cfg"]["efficiency"] == rows["cfg"]["speedup"] / 2
     # 48x80 px, 5 frames: 2 latent frames of 3x5 patches, two branches per step.
     assert report["tokens"] == 30 and report["flops_per_step"] > 0
@@ -31,5 +33,6 @@ def test_bench_reports_layouts_beside_diffusers(t2v_folder, tmp_path):
     for r in rows.values():
         assert r["step_s"] > 0 and 0 < r["fraction_of_peak"] < 1
     table = (out / "bench.md").read_text()
+    assert "Machine ceiling" in table and f"| {rows['cfg']['ceiling']:.2f} |" in table
     assert "| diffusers | 1 |" in table and "| cfg | 2 |" in table and "queue_stage_split" in table
     assert (out / "bench.png").stat().st_size > 10_000
