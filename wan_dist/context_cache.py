@@ -22,7 +22,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.hooks import RemovableHandle
+
+from .model_hooks import ModelHooks
 
 ContextKey = tuple[tuple[int, int] | None, tuple[int, int] | None]
 
@@ -127,20 +128,13 @@ class CachedContextAttnProcessor:
 
 
 @dataclass
-class ContextCacheHandle:
+class ContextCacheHandle(ModelHooks):
     """Undoes `cache_context_kv`: removes the hooks, restores the processors, frees the cache."""
 
-    cache: ContextCache
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    processors: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
+    cache: ContextCache = field(default_factory=ContextCache)
 
     def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        for module, processor in self.processors:
-            module.set_processor(processor)
-        self.hooks.clear()
-        self.processors.clear()
+        super().remove()
         self.cache.clear()
 
 
@@ -148,7 +142,7 @@ def cache_context_kv(transformer: torch.nn.Module, *, capacity: int = 2) -> Cont
     """Reuse each block's cross-attention keys and values across the forward calls that carry the same
     context tensors (see the module doc)."""
     cache = ContextCache(capacity)
-    handle = ContextCacheHandle(cache)
+    handle = ContextCacheHandle(cache=cache)
 
     def begin(module, args, kwargs):
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else \
@@ -165,7 +159,6 @@ def cache_context_kv(transformer: torch.nn.Module, *, capacity: int = 2) -> Cont
         transformer.register_forward_hook(end, with_kwargs=True, always_call=True),
     ]
     for block in transformer.blocks:
-        old = block.attn2.processor
-        handle.processors.append((block.attn2, old))
-        block.attn2.set_processor(CachedContextAttnProcessor(cache, getattr(old, "_attention_backend", None)))
+        backend = getattr(block.attn2.processor, "_attention_backend", None)
+        handle.set_processor(block.attn2, CachedContextAttnProcessor(cache, backend))
     return handle

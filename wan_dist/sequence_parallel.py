@@ -14,14 +14,13 @@ Shard order: sp_index = ring_rank * ulysses_degree + ulysses_rank, the order USP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.hooks import RemovableHandle
-
 from .attention import SequenceParallelAttention
+from .model_hooks import ModelHooks
 
 
 @dataclass
@@ -107,20 +106,8 @@ class SequenceParallelAttnProcessor:
         return attn.to_out[1](out)
 
 
-@dataclass
-class SequenceParallelHandle:
-    """Undoes `parallelize_sequence`: removes the hooks and restores the original processors."""
-
-    hooks: list[RemovableHandle] = field(default_factory=list)
-    processors: list[tuple[torch.nn.Module, object]] = field(default_factory=list)
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        for module, processor in self.processors:
-            module.set_processor(processor)
-        self.hooks.clear()
-        self.processors.clear()
+class SequenceParallelHandle(ModelHooks):
+    """Undoes `parallelize_sequence`: `remove()` takes the hooks off and restores the processors."""
 
 
 def parallelize_sequence(
@@ -170,6 +157,5 @@ def parallelize_sequence(
                                           kernel=kernel)
     processor = SequenceParallelAttnProcessor(attention, layout)
     for block in transformer.blocks:
-        handle.processors.append((block.attn1, block.attn1.processor))
-        block.attn1.set_processor(processor)
+        handle.set_processor(block.attn1, processor)
     return handle
