@@ -57,6 +57,9 @@ class RankMetrics:
             "peak_bytes": peak_memory_bytes(device), "peak_kind": peak_kind(device),
             "after_video_bytes": list(self.after_video_bytes),
             "after_video_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
+            # The cores this rank may run on (parallel.pin_cpus) and its compute threads.
+            "cpu_cores": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "threads": torch.get_num_threads(),
             "timings": dict(self.timings),
             "step_seconds": [list(steps) for steps in self.step_seconds],
         }
