@@ -13,7 +13,9 @@ repeats them in full. At 480p x 81 frames on the 1.3B model (32,760 tokens) they
 
 The entries are keyed by the context tensors' identity and version: they are held while cached, so an
 id cannot be reused by another tensor, and an in-place change bumps the version and misses the cache.
-`capacity` contexts are kept (the conditional and unconditional prompt of one video).
+`capacity` contexts are kept (the conditional and unconditional prompt of one video). Calls with
+gradients enabled bypass the cache. The weights must stay as they are while it is installed: fuse LoRAs
+or change dtypes before, or `remove()` it and install it again.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ class ContextCache:
         self.current: _Entry | None = None
 
     def select(self, text: torch.Tensor | None, image: torch.Tensor | None) -> None:
-        if text is None or text.requires_grad or (image is not None and image.requires_grad):
-            self.current = None  # not an inference call on fixed tensors: compute as usual
+        if torch.is_grad_enabled() or text is None:
+            self.current = None  # not an inference call on a fixed context: compute as usual
             return
         key = (_identity(text), _identity(image))
         entry = self._entries.get(key)

@@ -75,16 +75,22 @@ def test_new_tensors_and_in_place_changes_miss(t2v_folder):
 def test_capacity_bounds_the_kept_contexts():
     cache = ContextCache(capacity=2)
     tensors = [torch.zeros(1, 4, 3) for _ in range(3)]
-    for tensor in tensors:
-        cache.select(tensor, None)
-    assert len(cache) == 2
-    cache.select(tensors[0], None)  # evicted: a new entry, which evicts the oldest again
+    with torch.no_grad():
+        for tensor in tensors:
+            cache.select(tensor, None)
+        assert len(cache) == 2
+        cache.select(tensors[0], None)  # evicted: a new entry, which evicts the oldest again
     assert len(cache) == 2 and cache.current.layers == {}
     with pytest.raises(ValueError, match="capacity"):
         ContextCache(capacity=0)
 
 
-def test_calls_that_need_gradients_bypass_the_cache():
+def test_calls_with_gradients_bypass_the_cache():
     cache = ContextCache()
-    cache.select(torch.zeros(1, 4, 3, requires_grad=True), None)
+    text = torch.zeros(1, 4, 3)
+    with torch.enable_grad():
+        cache.select(text, None)
     assert cache.current is None and len(cache) == 0
+    with torch.no_grad():
+        cache.select(text, None)
+    assert cache.current is not None and len(cache) == 1
