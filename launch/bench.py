@@ -153,6 +153,8 @@ torch.set_num_threads(1)
 a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 torch.mm(a, b)
 start_at, seconds = float(sys.argv[1]), float(sys.argv[2])
+if time.time() > start_at:
+    sys.exit(3)  # started late: the windows would not overlap
 while time.time() < start_at:
     time.sleep(0.001)
 count, t0 = 0, time.perf_counter()
@@ -163,19 +165,27 @@ print(count / (time.perf_counter() - t0))
 """
 
 
-def _matmul_rates(processes: int, seconds: float) -> list[float]:
-    start_at = time.time() + 3.0  # after every process has imported torch
-    procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
-    return [float(p.communicate()[0]) for p in procs]
+def _matmul_rates(processes: int, seconds: float) -> list[float] | None:
+    """Each process's rate over one shared window; None when one of them started late or failed. The
+    window opens once every process has had time to import torch, longer on a second try."""
+    for delay in (3.0, 8.0):
+        start_at = time.time() + delay
+        procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for _ in range(processes)]
+        outputs = [p.communicate()[0] for p in procs]
+        if all(p.returncode == 0 for p in procs):
+            return [float(out) for out in outputs]
+    return None
 
 
-def parallel_ceiling(processes: int, seconds: float = 2.0) -> float:
-    """How many times one single-thread process's matmul rate `processes` of them reach together, now.
-    On a machine of its own this is the rank count; on a shared or virtual one the host's other load and
-    its placement of the virtual cores take their share, and no layout can beat it."""
-    alone = _matmul_rates(1, seconds)[0]
-    return sum(_matmul_rates(processes, seconds)) / alone
+def parallel_ceiling(processes: int, seconds: float = 2.0) -> float | None:
+    """How many times one single-thread process's matmul rate `processes` of them reach together, now
+    (None if it could not be measured). On a machine of its own this is the rank count; on a shared or
+    virtual one the host's other load and its placement of the virtual cores take their share, and no
+    layout can beat it."""
+    alone, together = _matmul_rates(1, seconds), _matmul_rates(processes, seconds)
+    return None if alone is None or together is None else sum(together) / alone[0]
 
 
 def _peak_subprocess(device: str) -> dict:

@@ -68,7 +68,7 @@ class ParallelConfig:
     ring_degree: int | None = None
     stage_split: bool | None = None
     timeout_s: float = 1800.0
-    # CPU runs: each rank on cores of its own when the node's ranks x threads fit its cores.
+    # CPU runs under torchrun: each rank on an equal share of the node's cores when ranks x threads fit.
     pin_cpus: bool = True
 
 

@@ -14,7 +14,7 @@ repeats them in full. At 480p x 81 frames on the 1.3B model (32,760 tokens) they
 The entries are keyed by the context tensors' identity and version: they are held while cached, so an
 id cannot be reused by another tensor, and an in-place change bumps the version and misses the cache.
 `capacity` contexts are kept (the conditional and unconditional prompt of one video). Calls with
-gradients enabled bypass the cache. The weights must stay as they are while it is installed: fuse LoRAs
+gradients enabled, and inference-mode calls or tensors, bypass the cache. The weights must stay as they are while it is installed: fuse LoRAs
 or change dtypes before, or `remove()` it and install it again.
 """
 
@@ -51,8 +51,11 @@ class ContextCache:
         self.current: _Entry | None = None
 
     def select(self, text: torch.Tensor | None, image: torch.Tensor | None) -> None:
-        if torch.is_grad_enabled() or text is None:
-            self.current = None  # not an inference call on a fixed context: compute as usual
+        if text is None or torch.is_grad_enabled() or torch.is_inference_mode_enabled() \
+                or any(t is not None and t.is_inference() for t in (text, image)):
+            # Not a no_grad call on a fixed context (inference tensors have no version counter to key
+            # on): compute as usual.
+            self.current = None
             return
         key = (_identity(text), _identity(image))
         entry = self._entries.get(key)
@@ -96,13 +99,21 @@ def _context_kv(attn, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor
 class CachedContextAttnProcessor:
     """Wan cross-attention that takes the context's keys and values from the cache when it has them."""
 
+    # Read by diffusers' context-parallel checks on every processor; this one never splits the context.
     _parallel_config = None
 
-    def __init__(self, cache: ContextCache, attention_backend=None) -> None:
+    def __init__(self, cache: ContextCache, attention_backend: object | None = None) -> None:
         self.cache = cache
         self._attention_backend = attention_backend  # set_attention_backend() sets it, as on diffusers'
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         from diffusers.models.attention_dispatch import dispatch_attention_fn
 
         if encoder_hidden_states is None or attention_mask is not None or rotary_emb is not None:

@@ -1,4 +1,4 @@
-"""Give each CPU rank cores of its own when the ranks on a node fit its cores.
+"""Give each CPU rank cores of its own when the ranks' threads on a node fit its cores.
 
 Left to the scheduler, the ranks' compute threads migrate between cores and are preempted by the other
 rank's communication threads (gloo runs each collective on worker threads of its own, and a sequence-
@@ -19,11 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def rank_cores(local_rank: int, local_world_size: int, threads: int, available: list[int]) -> list[int] | None:
-    """This rank's share of `available` (sorted), `threads` cores each; None when the node's ranks do not
-    fit or there is only one."""
-    if local_world_size < 2 or threads < 1 or local_world_size * threads > len(available):
+    """This rank's equal, contiguous share of `available` (sorted): at least `threads` cores, and all it
+    can have, so that its helper threads (the text encoder, gloo, the heartbeat) need not share the
+    compute threads' cores where the node has more. None when the ranks' threads do not fit or there is
+    only one rank."""
+    share = len(available) // local_world_size if local_world_size else 0
+    if local_world_size < 2 or threads < 1 or share < threads:
         return None
-    return available[local_rank * threads:(local_rank + 1) * threads]
+    return available[local_rank * share:(local_rank + 1) * share]
 
 
 def pin_cpu_rank(local_rank: int, local_world_size: int, threads: int) -> list[int] | None:

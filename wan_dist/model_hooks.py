@@ -20,7 +20,8 @@ class ModelHooks:
         module.set_processor(processor)
 
     def remove(self) -> None:
-        """Remove the hooks and restore the original processors."""
+        """Remove the hooks and restore the original processors (as they were: a backend set on the model
+        meanwhile is not carried over to them)."""
         for hook in self.hooks:
             hook.remove()
         for module, processor in self.processors:

@@ -24,7 +24,7 @@ from . import __version__
 from .attention import DIFFUSERS_BACKENDS, resolve_kernel
 from .cfg_parallel import GuidedNoise
 from .config import ConfigError, RunConfig, check_loras, check_model_limits, output_names, read_prompts
-from .context_cache import cache_context_kv
+from .context_cache import ContextCacheHandle, cache_context_kv
 from .decode import decode_latents
 from .loading import (
     apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
@@ -175,15 +175,15 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
         metrics.hold("vae", parameter_bytes(vae))
         encoder_rank = _EncoderRank(run, folder, dtypes, metrics, vae)
 
-    transformer = scheduler = None
+    transformer = scheduler = context_cache = None
     if is_dit:
         with metrics.timed("load_s", device):
             transformer = load_transformer(folder, dtypes.dit, device, allow_pickle=run.model.allow_pickle)
             apply_loras(transformer, list(run.lora))
             scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
         metrics.hold("dit", parameter_bytes(transformer))
-        parallelize_dit(transformer, session, kernel=kernel, compile_blocks=run.compile,
-                        context_cache=run.context_cache)
+        context_cache = parallelize_dit(transformer, session, kernel=kernel, compile_blocks=run.compile,
+                                        context_cache=run.context_cache)
     if encoder_rank is not None:
         encoder_rank.start()
 
@@ -211,6 +211,8 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
             tensors = ready[0][1] if rank == 0 else recv_tensors(names, 0, device, session.inputs_group)
             latents = _denoise_one(run, session, transformer, scheduler, tensors, shape, dtypes, metrics,
                                    description=f"video {index + 1}/{len(prompts)}")
+            if context_cache is not None:
+                context_cache.cache.clear()  # this video's prompts are done: free their keys and values
             if index == len(prompts) - 1:
                 del transformer
                 transformer = None
@@ -254,18 +256,18 @@ def generate(run: RunConfig, session: Session, out_dir: Path) -> dict[str, Any] 
 
 
 def parallelize_dit(transformer: torch.nn.Module, session: Session, *, kernel: str, compile_blocks: bool,
-                    context_cache: bool = False) -> None:
+                    context_cache: bool = False) -> ContextCacheHandle | None:
     """Attention kernel, context cache, sequence split, then compilation: compiled blocks trace the hooks
-    and processors the split installed."""
+    and processors the split installed. Returns the context cache's handle when one was installed."""
     if kernel != "sdpa":
         transformer.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
-    if context_cache and not compile_blocks:
-        cache_context_kv(transformer)
+    handle = cache_context_kv(transformer) if context_cache and not compile_blocks else None
     parallelize_sequence(transformer, ulysses_group=session.group("ulysses"), ring_group=session.group("ring"),
                          device=session.device, kernel=kernel)
     if compile_blocks:
         for block in transformer.blocks:
             block.compile()
+    return handle
 
 
 def _check_writable(session: Session, out_dir: Path) -> None:

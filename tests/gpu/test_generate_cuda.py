@@ -82,11 +82,13 @@ def test_step_loop_never_waits_for_the_gpu(t2v_folder):
     the step clock. The Euler sampler is used because UniPC's order-2 corrector solves a 2x2 system with
     torch.linalg.solve on the device, which checks its result on the host (diffusers' code, not ours)."""
     from wan_dist.cfg_parallel import GuidedNoise
+    from wan_dist.context_cache import cache_context_kv
     from wan_dist.loading import load_scheduler, load_transformer, read_component_config
     from wan_dist.pipeline import denoise, initial_noise, latent_shape
 
     device = torch.device("cuda", 0)
     transformer = load_transformer(t2v_folder, torch.bfloat16, device)
+    context_cache = cache_context_kv(transformer)  # as the runner installs it
     text_dim = read_component_config(t2v_folder, "transformer")["text_dim"]
     embeds = torch.randn(1, 512, text_dim, device=device, dtype=torch.bfloat16)
     predictor = GuidedNoise(transformer, prompt_embeds=embeds, negative_prompt_embeds=embeds.flip(1),
@@ -96,6 +98,7 @@ def test_step_loop_never_waits_for_the_gpu(t2v_folder):
     scheduler = load_scheduler(t2v_folder, "euler", 3.0)
     denoise(latents=latents, scheduler=scheduler, steps=2, predict_noise=predictor, model_dtype=torch.bfloat16,
             show_progress=False)  # warm-up: kernels chosen, caches allocated
+    context_cache.cache.clear()  # so that the checked loop both fills the context cache and hits it
     torch.cuda.set_sync_debug_mode("error")
     try:
         result = denoise(latents=latents, scheduler=load_scheduler(t2v_folder, "euler", 3.0), steps=4,
@@ -103,6 +106,46 @@ def test_step_loop_never_waits_for_the_gpu(t2v_folder):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(result.step_seconds) == 4 and all(s > 0 for s in result.step_seconds)
+    assert len(context_cache.cache) == 2
+
+
+@pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["cudnn", "sdpa", "fa2", "fa3"])
+@pytest.mark.parametrize("backend_first", [True, False])
+def test_context_cache_is_exact_with_every_kernel(t2v_folder, kernel, backend_first):
+    """bf16 on the GPU, the diffusers attention backend set before or after the cache is installed: the
+    cached steps equal diffusers' own processors bit for bit."""
+    from wan_dist.attention import DIFFUSERS_BACKENDS, available_kernels
+    from wan_dist.context_cache import cache_context_kv
+    from wan_dist.loading import load_transformer, read_component_config
+
+    device = torch.device("cuda", 0)
+    if kernel not in available_kernels(device):
+        pytest.skip(f"{kernel} is not available here")
+    model = load_transformer(t2v_folder, torch.bfloat16, device)
+    config = read_component_config(t2v_folder, "transformer")
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, config["in_channels"], 3, 6, 10, generator=generator).to(device, torch.bfloat16)
+    texts = [torch.randn(1, 512, config["text_dim"], generator=generator).to(device, torch.bfloat16)
+             for _ in range(2)]
+
+    def steps() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(hidden_states=latents, timestep=torch.tensor([t], device=device), encoder_hidden_states=text,
+                          return_dict=False)[0] for t in (900.0, 100.0) for text in texts]
+
+    if kernel != "sdpa":
+        model.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
+    expected = steps()
+    if backend_first:
+        cache_context_kv(model)
+    else:
+        model.reset_attention_backend()
+        cache_context_kv(model)
+        if kernel != "sdpa":
+            model.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
+    got = steps()
+    assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True))
 
 
 @pytest.mark.skipif(_gpus() < 1, reason="needs a CUDA device")

@@ -67,9 +67,27 @@ def test_new_tensors_and_in_place_changes_miss(t2v_folder):
     first = _forward(model, latents, text, None)
     text.mul_(2.0)  # same object, new content: the version moved on
     changed = _forward(model, latents, text, None)
+    other = texts[1].clone()
+    _forward(model, latents, other, None)
+    other = texts[0].clone()  # a new object with the first content, maybe at a freed object's address
+    again = _forward(model, latents, other, None)
     handle.remove()
     assert torch.equal(changed, _forward(model, latents, text, None))
     assert not torch.equal(first, changed)
+    assert torch.equal(again, first)
+
+
+def test_inference_mode_bypasses_the_cache(t2v_folder):
+    model, latents, texts, _ = _model_and_inputs(t2v_folder, "t2v")
+    expected = _forward(model, latents, texts[0], None)
+    handle = cache_context_kv(model)
+    with torch.inference_mode():
+        text = texts[0].clone()
+        out = model(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=text,
+                    return_dict=False)[0]
+    assert len(handle.cache) == 0 and torch.equal(out, expected)
+    # An inference tensor used later under no_grad has no version counter either.
+    assert torch.equal(_forward(model, latents, text, None), expected) and len(handle.cache) == 0
 
 
 def test_capacity_bounds_the_kept_contexts():

@@ -14,7 +14,13 @@ from wan_dist.cpu_affinity import rank_cores
 def test_ranks_share_out_the_cores_in_order():
     cores = [0, 1, 4, 5, 6, 7]
     assert [rank_cores(r, 3, 2, cores) for r in range(3)] == [[0, 1], [4, 5], [6, 7]]
-    assert rank_cores(1, 2, 1, cores) == [1]
+    assert [rank_cores(r, 2, 1, [0, 1]) for r in range(2)] == [[0], [1]]
+
+
+def test_each_rank_gets_an_equal_share_beyond_its_threads():
+    """Two one-thread ranks on seven cores: three each, for the helper threads; the odd one is left out."""
+    cores = [0, 1, 2, 3, 4, 5, 6]
+    assert [rank_cores(r, 2, 1, cores) for r in range(2)] == [[0, 1, 2], [3, 4, 5]]
 
 
 @pytest.mark.parametrize("local_rank, world, threads", [(0, 1, 1), (0, 3, 1), (1, 2, 2), (0, 2, 0)])
