@@ -94,7 +94,7 @@ class TorchrunLauncher(Launcher):
             args.append(f"embedding_cache={shared_embedding_cache(sweep_config.hydra.sweep.dir).resolve()}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.abspath(sys.argv[0]), f"--config-name={sweep_config.hydra.job.config_name}",
-               *args, f"hydra.run.dir={job_dir.resolve()}"]
+               *_config_search_args(sweep_config), *args, f"hydra.run.dir={job_dir.resolve()}"]
         log.info("\t#%d : %s (%d rank%s)", idx, " ".join(filter_overrides(overrides)), nproc, "s"[: nproc != 1])
         returncode = _tee(cmd, job_dir / "job.log")
 
@@ -118,6 +118,20 @@ class TorchrunLauncher(Launcher):
         parallel = OmegaConf.to_object(sweep_config.parallel)
         assert isinstance(parallel, ParallelConfig)
         return pinned_world_size(parallel) or self.default_nproc
+
+
+def _config_search_args(sweep_config: DictConfig) -> list[str]:
+    """The sweep's own config search path for the job: the primary config dir (`--config-path` may have
+    moved it) and every `--config-dir`, so that a job composes exactly what the sweep composed."""
+    args = []
+    for source in OmegaConf.select(sweep_config, "hydra.runtime.config_sources", default=None) or []:
+        if source.schema != "file":
+            continue
+        if source.provider == "main":
+            args.append(f"--config-path={os.path.abspath(source.path)}")
+        elif source.provider == "command-line":
+            args.append(f"--config-dir={os.path.abspath(source.path)}")
+    return args
 
 
 def _tee(cmd: list[str], log_path: Path) -> int:

@@ -92,3 +92,19 @@ def test_sweep_with_failing_jobs_exits_non_zero(tmp_path):
     with open(sweep / "summary.csv") as handle:
         assert [(r["job"], r["status"]) for r in csv.DictReader(handle)] == [("0", "failed"), ("1", "failed")]
     assert not (tmp_path / "cache" / "models").exists()
+
+
+def test_jobs_compose_from_the_sweeps_config_dir(tmp_path):
+    """A preset that only a `--config-dir` holds: every job (its own torchrun process) must find it too."""
+    extra = tmp_path / "extra_conf"
+    (extra / "model").mkdir(parents=True)
+    (extra / "model" / "tiny_short.yaml").write_text(
+        (ROOT / "conf" / "model" / "tiny.yaml").read_text().replace("num_frames: 9", "num_frames: 5"))
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "launch/generate.py", "-m", f"--config-dir={extra}", "model=tiny_short",
+           "parallel=single", "steps=1,2", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    reports = [json.loads((sweep / str(job) / "run.json").read_text()) for job in range(2)]
+    assert [(r["config"]["num_frames"], r["config"]["steps"]) for r in reports] == [(5, 1), (5, 2)]
