@@ -56,6 +56,13 @@ def _quiet_other_ranks(rank: int) -> None:
     transformers_logging.disable_progress_bar()
 
 
+def say_error(message: str) -> None:
+    """`error: <message>` on stderr in one write: the ranks of a run often fail at the same moment into one
+    stream, and print() writes the text and its newline separately, so two ranks' lines could merge."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     env = rank_env()
@@ -91,18 +98,17 @@ def main(cfg: DictConfig) -> None:
             session.barrier()
             generate(run, session, out_dir)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        say_error(str(error))
         sys.exit(2)
     except OmegaConfBaseException as error:
-        print(f"error: {composition_error_line(error, sys.argv[1:])}", file=sys.stderr)
+        say_error(composition_error_line(error, sys.argv[1:]))
         sys.exit(2)
     except PeerLostError as error:
-        print(f"error: rank {env.rank}: {error}", file=sys.stderr)
+        say_error(f"rank {env.rank}: {error}")
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as stop:
         signum = stop.signum if isinstance(stop, Terminated) else signal.SIGINT
-        print(f"error: rank {env.rank} stopped by {signal.Signals(signum).name}; no output was left half-written",
-              file=sys.stderr)
+        say_error(f"rank {env.rank} stopped by {signal.Signals(signum).name}; no output was left half-written")
         sys.exit(128 + signum)
 
 
@@ -123,5 +129,5 @@ if __name__ == "__main__":
     except (HydraException, OmegaConfBaseException) as error:
         if full_error:
             raise
-        print(f"error: {composition_error_line(error, sys.argv[1:])}", file=sys.stderr)
+        say_error(composition_error_line(error, sys.argv[1:]))
         sys.exit(2)
