@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from itertools import pairwise
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,6 +93,7 @@ def run_diffusers(spec: dict) -> dict:
 
     from wan_dist.loading import resolve_dtype
     from wan_dist.metrics import peak_memory_bytes
+    from wan_dist.pipeline import StepClock
 
     start = time.perf_counter()
     device = torch.device(spec["device"])
@@ -109,12 +109,10 @@ def run_diffusers(spec: dict) -> dict:
                                               do_classifier_free_guidance=guided, device=torch.device("cpu"))
     pipe.text_encoder = None  # held on CPU until now, as a stage-split or single rank holds it
     cast = {"device": device, "dtype": transformer.dtype}
-    events: list = []
+    clock = StepClock(device)  # the app's own step timing, so both sides are timed alike
 
     def mark(*_args, **_kwargs):
-        events.append(torch.cuda.Event(enable_timing=True) if device.type == "cuda" else time.perf_counter())
-        if device.type == "cuda":
-            events[-1].record()
+        clock.mark()
         return {}
 
     mark()
@@ -122,11 +120,7 @@ def run_diffusers(spec: dict) -> dict:
          height=spec["height"], width=spec["width"], num_frames=spec["num_frames"],
          num_inference_steps=spec["steps"], guidance_scale=spec["guidance_scale"],
          generator=torch.Generator("cpu").manual_seed(spec["seed"]), output_type="np", callback_on_step_end=mark)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        steps = [a.elapsed_time(b) / 1000 for a, b in pairwise(events)]
-    else:
-        steps = [b - a for a, b in pairwise(events)]
+    steps = clock.seconds()
     return {"name": "diffusers", "nproc": 1, "ok": True, "mesh": "diffusers WanPipeline", "dit_ranks": 1,
             "videos": 1, "step_s": steady_step_seconds(steps), "denoise_s": sum(steps),
             "total_s": time.perf_counter() - start, "steps_s": steps,
