@@ -162,8 +162,8 @@ def resolve_parallel_dims(
                               f"left after cfg_degree={degrees['cfg']}")
         r = rest // u
     if degrees["cfg"] * u * r != dit_world:
-        explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
-        named = [f"parallel.{axis}_degree={explicit[axis]}" for axis in ("cfg", "ulysses", "ring") if explicit[axis]]
+        named = [f"parallel.{axis}_degree={getattr(p, f'{axis}_degree')}" for axis in ("cfg", "ulysses", "ring")
+                 if getattr(p, f"{axis}_degree")]
         split = " + 1 stage-split rank" if stage_split else ""
         needed = degrees["cfg"] * u * r + int(stage_split)
         raise ConfigError(
