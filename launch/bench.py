@@ -11,7 +11,7 @@ which warms up), end-to-end seconds, peak memory per rank, speed-up over `single
 and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
 the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
 rank) on CPU. A prompt queue compares a stage split with the same queue in one process. On CPU, the
-machine's parallel ceiling is measured right before each multi-rank run (about 7 s each): a virtual
+machine's parallel ceiling is measured right before each multi-rank run (about 10 s each): a virtual
 machine's host gives the second core a share that changes from minute to minute.
 
 Writes <out>/<stamp>/bench.json, bench.md and bench.png.
