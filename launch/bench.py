@@ -34,6 +34,7 @@ from wan_dist.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.sweep import pyplot  # noqa: E402
 
 from wan_dist.perf import gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
+from wan_dist.presets import MODEL_PRESETS  # noqa: E402
 
 # (name, world size, overrides). A layout runs when its world size is asked for.
 LAYOUTS = [
@@ -51,14 +52,9 @@ LAYOUTS = [
     ("cfg_ulysses4", 8, ["parallel=cfg_usp"]),
     ("ulysses8", 8, ["parallel=ulysses"]),
 ]
-# Per model: the sizes a benchmark uses unless overridden. The real architectures are run with random
-# weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
-MODEL_DEFAULTS = {
-    "tiny": ["height=128", "width=224", "num_frames=17", "steps=4"],
-    "bench": ["steps=4"],
-    "t2v_1_3b": ["height=480", "width=832", "num_frames=81", "steps=10"],
-    "t2v_14b": ["height=720", "width=1280", "num_frames=81", "steps=5"],
-}
+# Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
+# with random weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
+MODEL_DEFAULTS = {name: list(p.bench_overrides) for name, p in MODEL_PRESETS.items() if p.bench_overrides}
 QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "a city street in the rain",
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
@@ -299,8 +295,10 @@ def resolve_run(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from wan_dist.config import RunConfig, register_configs, validate_run
-    from wan_dist.loading import model_folder, read_component_config
+    from wan_dist.building import model_folder
+    from wan_dist.checks import validate_run
+    from wan_dist.config import RunConfig, register_configs
+    from wan_dist.loading import read_component_config
     from wan_dist.pipeline import latent_shape
 
     register_configs()
@@ -355,7 +353,7 @@ def main() -> None:
         parser.error(f"--model={model} is not allowed: one of {', '.join(MODEL_DEFAULTS)}")
     user = args.overrides
     base = [f"model={model}", *MODEL_DEFAULTS[model]]
-    if model in ("t2v_1_3b", "t2v_14b") and not any(o.startswith("model.path=") for o in user):
+    if not MODEL_PRESETS[model].built and not any(o.startswith("model.path=") for o in user):
         base.append("model.random_weights=true")
     overrides = base + user
     spec = resolve_run(overrides)

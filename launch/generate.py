@@ -1,9 +1,10 @@
-"""Generate Wan2.1 videos on one or more ranks.
+"""Generate Wan videos on one or more ranks: config, then the plan, then this rank's stages.
 
     python launch/generate.py prompt="..."                         # a world of one
     torchrun --nproc_per_node=2 launch/generate.py prompt="..."    # two ranks, split chosen by parallel=
     srun -K python launch/generate.py ...                          # Slurm, one task per GPU
     python launch/generate.py -m parallel=single,cfg               # a sweep: each job its own torchrun world
+    python launch/generate.py dry_run=true ...                     # print the plan, write plan.json, stop
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
 from wan_dist.cpu_affinity import pin_cpu_rank  # noqa: E402
-from wan_dist.config import (  # noqa: E402
-    ConfigError, RunConfig, check_schema_keys, composition_error_line, register_configs, validate_run,
-)
-from wan_dist.loading import dit_num_heads, model_folder  # noqa: E402
-from wan_dist.parallel_dims import resolve_parallel_dims  # noqa: E402
+from hydra_errors import check_schema_keys, composition_error_line  # noqa: E402  (beside this file)
+from wan_dist.checks import validate_run  # noqa: E402
+from wan_dist.config import RunConfig, register_configs  # noqa: E402
+from wan_dist.errors import ConfigError  # noqa: E402
+from wan_dist.plan import build_plan, write_plan  # noqa: E402
 from wan_dist.runner import generate  # noqa: E402
 from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
 from wan_dist.sweep import shared_embedding_cache  # noqa: E402
@@ -82,21 +83,26 @@ def main(cfg: DictConfig) -> None:
             # Before the process group starts its threads, so that they inherit the rank's cores.
             pin_cpu_rank(env.local_rank, env.local_world_size, torch.get_num_threads())
         with distributed_session(
-            lambda world: resolve_parallel_dims(run.parallel, world_size=world, num_heads=dit_num_heads(run.model),
-                                                guidance_scale=run.guidance_scale),
             timeout_s=run.parallel.timeout_s, env=env,
             store_prefix=f"wan_dist/job{OmegaConf.select(hydra_cfg, 'job.num', default=0)}",
         ) as session:
-            # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
-            out_dir = Path(session.agree(run.output.dir or hydra_cfg.runtime.output_dir))
-            run.output.dir = str(out_dir)  # recorded in run.json
-            # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
-            run.seed = session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31))
+            plan = build_plan(
+                run, world_size=session.world_size, rank=session.rank, device=session.device,
+                # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
+                out_dir=session.agree(run.output.dir or hydra_cfg.runtime.output_dir),
+                # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
+                seed=session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31)),
+                agree=session.agree,
+            )
             if session.rank == 0:
-                log.info("%d rank(s): %s; outputs in %s", session.world_size, session.dims.describe(), out_dir)
-                model_folder(run.model)  # builds the tiny model once, before the other ranks read it
-            session.barrier()
-            generate(run, session, out_dir)
+                log.info("%d rank(s): %s; outputs in %s", session.world_size, plan.dims.describe(), plan.out_dir)
+            if run.dry_run:
+                if session.rank == 0:
+                    print(plan.table(), flush=True)
+                    write_plan(plan, plan.out_dir / "plan.json")
+                    log.info("dry run: plan written to %s; no weight was read", plan.out_dir / "plan.json")
+                return
+            generate(plan, session)
     except ConfigError as error:
         say_error(str(error))
         sys.exit(2)

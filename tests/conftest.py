@@ -12,7 +12,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from wan_dist.loading import TinySpec, build_tiny_model  # noqa: E402
+from wan_dist.building import build_tiny_model  # noqa: E402
+from wan_dist.presets import ModelSpec  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,12 +27,12 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def t2v_folder(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_t2v"), TinySpec(task="t2v"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_t2v"), ModelSpec(task="t2v"))
 
 
 @pytest.fixture(scope="session")
 def i2v_folder(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_i2v"), TinySpec(task="i2v"))
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_i2v"), ModelSpec(task="i2v"))
 
 
 @pytest.fixture(scope="session")

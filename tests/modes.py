@@ -1,5 +1,6 @@
 """Running `wan_dist.runner.generate` for several parallel layouts inside one spawned world, so the
-process start cost is paid once per world size."""
+process start cost is paid once per world size. Each case goes through the real plan, its degrees given
+explicitly."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from wan_dist.config import LoraConfig, RunConfig, validate_run
-from wan_dist.parallel_dims import ParallelDims
+from wan_dist.checks import validate_run
+from wan_dist.config import LoraConfig, RunConfig
+from wan_dist.plan import build_plan
 from wan_dist.runner import generate
-from wan_dist.session import RankEnv, build_session
+from wan_dist.session import RankEnv, Session
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class Case:
         run.attention, run.compile = self.attention, self.compile
         run.output.dir = str(out_dir)
         run.output.save_frames = True
+        run.parallel.cfg_degree, run.parallel.ring_degree = self.cfg, self.ring
+        run.parallel.ulysses_degree, run.parallel.stage_split = self.ulysses, self.stage_split
         validate_run(run)
         return run
 
@@ -68,11 +72,11 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> l
                   launcher="test")
     # nccl worlds (the GPU tests) pin rank i to GPU i; gloo worlds run on the CPU.
     device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    session = Session(env=env, device=device)
     reports = []
     for case in cases:
-        dims = ParallelDims(cfg=case.cfg, ring=case.ring, ulysses=case.ulysses, stage_split=case.stage_split,
-                            world_size=world_size)
-        session = build_session(env, device, dims)
         out_dir = Path(out_root) / case.name
-        reports.append(generate(case.run_config(out_dir), session, out_dir))
+        plan = build_plan(case.run_config(out_dir), world_size=world_size, rank=rank, device=device,
+                          out_dir=out_dir, seed=0, agree=session.agree)
+        reports.append(generate(plan, session))
     return reports

@@ -6,6 +6,26 @@ import numpy as np
 import torch
 
 
+def _latent_statistics(latents: torch.Tensor, vae_config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE's per-channel latent mean and 1/std, shaped to broadcast over (B, C, F, H, W)."""
+    mean = torch.tensor(vae_config.latents_mean).view(1, vae_config.z_dim, 1, 1, 1).to(latents)
+    inv_std = 1.0 / torch.tensor(vae_config.latents_std).view(1, vae_config.z_dim, 1, 1, 1).to(latents)
+    return mean, inv_std
+
+
+def normalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """VAE-encoder latents to the DiT's scale, as diffusers' Wan pipelines normalise them."""
+    mean, inv_std = _latent_statistics(latents, vae_config)
+    return (latents - mean) * inv_std
+
+
+def denormalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
+    """The DiT's latents back to the VAE decoder's scale (the inverse of normalize_latents, written as
+    diffusers writes it, so the decode input is bit for bit diffusers')."""
+    mean, inv_std = _latent_statistics(latents, vae_config)
+    return latents / inv_std + mean
+
+
 @torch.no_grad()
 def decode_latents(latents: torch.Tensor, vae) -> np.ndarray:
     """Frames (F, H, W, 3), float32 in [0, 1], before quantization."""
@@ -13,8 +33,6 @@ def decode_latents(latents: torch.Tensor, vae) -> np.ndarray:
 
     device = next(vae.parameters()).device
     latents = latents.to(device=device, dtype=vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, vae.config.z_dim, 1, 1, 1).to(latents)
-    video = vae.decode(latents / inv_std + mean, return_dict=False)[0]
+    video = vae.decode(denormalize_latents(latents, vae.config), return_dict=False)[0]
     processor = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial)
     return processor.postprocess_video(video, output_type="np")[0].astype(np.float32)

@@ -11,22 +11,11 @@ from dataclasses import dataclass
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
-from .config import ConfigError, ParallelConfig
+from .config import ParallelConfig
+from .errors import ConfigError, fail
+from .presets import PARALLEL_PRESETS
 
 MESH_AXES = ("cfg", "ring", "ulysses")
-
-# What each preset fixes; None is left open and filled from the world size.
-_PRESETS: dict[str, dict[str, object]] = {
-    "auto": {},
-    "single": {"cfg": 1, "ulysses": 1, "ring": 1, "stage_split": False},
-    "stage_split": {"stage_split": True},
-    "cfg": {"cfg": 2, "ulysses": 1, "ring": 1},
-    "ulysses": {"cfg": 1, "ring": 1},
-    "ring": {"cfg": 1, "ulysses": 1},
-    "usp": {"cfg": 1},
-    "cfg_usp": {"cfg": 2},
-}
-
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -37,11 +26,7 @@ class ParallelDims:
     world_size: int
 
     def __post_init__(self) -> None:
-        for axis in MESH_AXES:
-            if getattr(self, axis) < 1:
-                raise ConfigError(f"parallel.{axis}_degree={getattr(self, axis)} is not allowed: a positive integer")
-        if self.cfg not in (1, 2):
-            raise ConfigError(f"parallel.cfg_degree={self.cfg} is not allowed: 1 or 2")
+        _check_degree_values({axis: getattr(self, axis) for axis in MESH_AXES})
         needed = self.cfg * self.ring * self.ulysses + int(self.stage_split)
         if needed != self.world_size:
             split = " + 1 stage-split rank" if self.stage_split else ""
@@ -100,20 +85,42 @@ def _fill_sequence_axes(n: int, num_heads: int, both: bool) -> tuple[int, int]:
     return ulysses, n // ulysses
 
 
+def _check_degree_values(degrees: dict[str, int | None]) -> None:
+    for axis, value in degrees.items():
+        if value is not None and value < 1:
+            fail(f"parallel.{axis}_degree", value, "a positive integer (or null to fill from the world size)")
+    if degrees["cfg"] not in (None, 1, 2):
+        fail("parallel.cfg_degree", degrees["cfg"], "1 or 2 (the conditional and unconditional branches)")
+
+
 def _pinned(p: ParallelConfig) -> tuple[dict[str, int | None], bool]:
     """The degrees the preset and the explicit keys fix (None: left open), and whether to stage-split."""
-    preset = _PRESETS[p.preset]
+    preset = PARALLEL_PRESETS[p.preset]
     explicit = {"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree}
-    degrees = {axis: explicit[axis] if explicit[axis] is not None else preset.get(axis) for axis in explicit}
-    stage_split = p.stage_split if p.stage_split is not None else bool(preset.get("stage_split", False))
+    degrees = {axis: explicit[axis] if explicit[axis] is not None else getattr(preset, axis) for axis in explicit}
+    stage_split = p.stage_split if p.stage_split is not None else bool(preset.stage_split)
     return degrees, stage_split
+
+
+def check_degrees(p: ParallelConfig, *, guidance_scale: float) -> None:
+    """The rules on the degrees that hold whatever the world size: a known preset, positive degrees, a cfg
+    axis of 1 or 2, and 2 only with guidance (else there is no unconditional branch to give it)."""
+    if p.preset not in PARALLEL_PRESETS:
+        fail("parallel", p.preset, f"one of {', '.join(PARALLEL_PRESETS)}")
+    _check_degree_values({"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree})
+    degrees, _ = _pinned(p)
+    if degrees["cfg"] == 2 and guidance_scale <= 1:
+        key = "parallel.cfg_degree" if p.cfg_degree is not None else "parallel"
+        value = degrees["cfg"] if p.cfg_degree is not None else p.preset
+        raise ConfigError(f"{key}={value!r} is not allowed with guidance_scale={guidance_scale}: without "
+                          "guidance there is no unconditional branch for a cfg axis of 2")
 
 
 def pinned_world_size(p: ParallelConfig) -> int | None:
     """The world size a layout needs when its preset and explicit degrees fix every axis
     (`parallel=single`: 1, `parallel=cfg`: 2), else None: it adapts to the world it is started in. An
     unknown preset is None too; the run itself names the error."""
-    if p.preset not in _PRESETS:
+    if p.preset not in PARALLEL_PRESETS:
         return None
     degrees, stage_split = _pinned(p)
     if any(degree is None for degree in degrees.values()):
@@ -125,6 +132,7 @@ def resolve_parallel_dims(
     p: ParallelConfig, *, world_size: int, num_heads: int, guidance_scale: float
 ) -> ParallelDims:
     """Fill what the preset and the explicit degrees leave open, then check the result."""
+    check_degrees(p, guidance_scale=guidance_scale)
     degrees, stage_split = _pinned(p)
     if stage_split and world_size < 2:
         raise ConfigError(
@@ -132,16 +140,11 @@ def resolve_parallel_dims(
             "encoders and VAE and at least one for the DiT (start with torchrun --nproc_per_node=2 or more)"
         )
     dit_world = world_size - int(stage_split)
-    if degrees["cfg"] == 2 and guidance_scale <= 1:
-        key = "parallel.cfg_degree" if p.cfg_degree is not None else "parallel"
-        value = degrees["cfg"] if p.cfg_degree is not None else p.preset
-        raise ConfigError(f"{key}={value!r} is not allowed with guidance_scale={guidance_scale}: without "
-                          "guidance there is no unconditional branch for a cfg axis of 2")
 
     if degrees["cfg"] is None:
         fixed = (degrees["ulysses"] or 1) * (degrees["ring"] or 1)
         wants_cfg = guidance_scale > 1 and dit_world % (2 * fixed) == 0
-        degrees["cfg"] = 2 if wants_cfg and p.preset in ("auto", "stage_split") else 1
+        degrees["cfg"] = 2 if wants_cfg and PARALLEL_PRESETS[p.preset].picks_cfg else 1
     if dit_world % degrees["cfg"]:
         raise ConfigError(
             f"parallel.cfg_degree={degrees['cfg']} is not allowed with {dit_world} DiT ranks: the DiT ranks "
@@ -150,7 +153,7 @@ def resolve_parallel_dims(
     rest = dit_world // degrees["cfg"]
     u, r = degrees["ulysses"], degrees["ring"]
     if u is None and r is None:
-        u, r = _fill_sequence_axes(rest, num_heads, both=p.preset in ("usp", "cfg_usp"))
+        u, r = _fill_sequence_axes(rest, num_heads, both=PARALLEL_PRESETS[p.preset].both_sequence_axes)
     elif u is None:
         if rest % r:
             raise ConfigError(f"parallel.ring_degree={r} is not allowed: it must divide the {rest} ranks left "

@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# Wan2.1's text context (UMT5 tokens, padded) and CLIP ViT-H/14's 257 image tokens at 224 px (I2V).
-TEXT_TOKENS = 512
+from .text_encoding import TEXT_MAX_TOKENS
+
+# CLIP ViT-H/14's 257 image tokens at 224 px (I2V), beside Wan's padded text context.
 IMAGE_TOKENS = 257
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets; matched against
@@ -41,7 +42,7 @@ class DitFlops:
         return self.linear + self.self_attention + self.cross_attention
 
 
-def dit_flops(dit_config: dict, tokens: int, *, text_tokens: int = TEXT_TOKENS,
+def dit_flops(dit_config: dict, tokens: int, *, text_tokens: int = TEXT_MAX_TOKENS,
               image_tokens: int | None = None) -> DitFlops:
     """Count from a WanTransformer3DModel config.json: every matmul of the blocks, the embedders, the
     patch embedding and the output projection; elementwise work and norms are left out (< 1%).

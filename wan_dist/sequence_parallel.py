@@ -1,18 +1,23 @@
-"""Sequence parallelism for the Wan DiT, applied with removable hooks and an attention processor.
+"""Sequence parallelism for the Wan DiT: a declarative split plan applied by generic removable hooks, and
+an attention processor for the self-attention.
 
-The plan (the same points diffusers' `_cp_plan` for Wan names):
-- the transformer's input fixes the token count N and pads it to a multiple of the sp degree;
-- `rope`'s output (cos, sin) and `blocks.0`'s hidden states are split on the token dim: each rank keeps
+The plan (`WAN_SEQUENCE_PLAN`, the same points diffusers' `_cp_plan` for Wan names) says which module's
+input or output is split or gathered on which dim:
+- a per-token timestep (Wan2.2 TI2V: 2-D, one per token) is split with the tokens; Wan2.1's one timestep
+  per video (1-D) is left whole;
+- `rope`'s outputs (cos, sin) and `blocks.0`'s hidden states are split on the token dim: each rank keeps
   its contiguous shard, so rotary embeddings stay at each token's true position;
-- every block's self-attention (`attn1`) runs through USP attention over the ulysses x ring axes, with
-  the padding masked; cross-attention keeps its full text/image keys and values and needs nothing;
 - `proj_out`'s output is gathered back to all N tokens, so the model returns the full noise prediction.
+Every split pads the N tokens to a multiple of the sp degree; every block's self-attention (`attn1`) runs
+through USP attention over the ulysses x ring axes with the padding masked. Cross-attention keeps its
+full text/image keys and values and needs nothing.
 
 Shard order: sp_index = ring_rank * ulysses_degree + ulysses_rank, the order USP attention expects.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -21,6 +26,33 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from .attention import SequenceParallelAttention
 from .model_hooks import ModelHooks
+
+
+@dataclass(frozen=True)
+class Split:
+    """This rank's shard of a tensor along `dim` (the tokens padded to equal shards). With `ndim` set, only
+    a tensor of that many dims is split (others pass whole)."""
+
+    dim: int
+    ndim: int | None = None
+
+
+@dataclass(frozen=True)
+class Gather:
+    """All ranks' shards concatenated along `dim`, the padding cut off."""
+
+    dim: int
+
+
+# Module path -> what happens there: named inputs (str keys) or positions of the output tuple (int keys)
+# to split, or the module's whole output to gather. "" is the transformer itself.
+SequencePlan = dict[str, "dict[str | int, Split] | Gather"]
+WAN_SEQUENCE_PLAN: SequencePlan = {
+    "": {"timestep": Split(dim=1, ndim=2)},
+    "rope": {0: Split(dim=1), 1: Split(dim=1)},
+    "blocks.0": {"hidden_states": Split(dim=1)},
+    "proj_out": Gather(dim=1),
+}
 
 
 @dataclass
@@ -50,6 +82,7 @@ class _ShardLayout:
         return max(0, min(self.shard_len, self.num_tokens - self.sp_rank * self.shard_len))
 
     def shard(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        self.set_tokens(tensor.shape[dim])  # every split of one forward sees the same N tokens
         missing = self.shard_len * self.sp_size - tensor.shape[dim]
         if missing:
             pad = [0, 0] * (tensor.ndim - 1 - dim) + [0, missing]
@@ -110,6 +143,50 @@ class SequenceParallelHandle(ModelHooks):
     """Undoes `parallelize_sequence`: `remove()` takes the hooks off and restores the processors."""
 
 
+def _input_hook(module: torch.nn.Module, splits: dict[str, Split], layout: _ShardLayout):
+    positions = list(inspect.signature(module.forward).parameters)
+
+    def split_inputs(module, args, kwargs):
+        args = list(args)
+        for name, rule in splits.items():
+            if name in kwargs:
+                value, put = kwargs[name], lambda v, name=name: kwargs.__setitem__(name, v)
+            elif positions.index(name) < len(args):
+                value, put = args[positions.index(name)], lambda v, i=positions.index(name): args.__setitem__(i, v)
+            else:
+                continue
+            if isinstance(value, torch.Tensor) and (rule.ndim is None or value.ndim == rule.ndim):
+                put(layout.shard(value, rule.dim))
+        return tuple(args), kwargs
+
+    return split_inputs
+
+
+def _output_hook(rule: dict[int, Split] | Gather, layout: _ShardLayout):
+    def split_or_gather(module, args, output):
+        if isinstance(rule, Gather):
+            return layout.gather(output, dim=rule.dim)
+        parts = list(output)
+        for index, split in rule.items():
+            if split.ndim is None or parts[index].ndim == split.ndim:
+                parts[index] = layout.shard(parts[index], split.dim)
+        return type(output)(parts)
+
+    return split_or_gather
+
+
+def _apply_plan(transformer: torch.nn.Module, plan: SequencePlan, layout: _ShardLayout,
+                handle: ModelHooks) -> None:
+    for path, rule in plan.items():
+        module = transformer.get_submodule(path)
+        named = {key: split for key, split in rule.items() if isinstance(key, str)} if isinstance(rule, dict) else {}
+        outputs = rule if isinstance(rule, Gather) else {k: s for k, s in rule.items() if isinstance(k, int)}
+        if named:
+            handle.hooks.append(module.register_forward_pre_hook(_input_hook(module, named, layout), with_kwargs=True))
+        if outputs:
+            handle.hooks.append(module.register_forward_hook(_output_hook(outputs, layout)))
+
+
 def parallelize_sequence(
     transformer: torch.nn.Module,
     *,
@@ -117,6 +194,7 @@ def parallelize_sequence(
     ring_group: dist.ProcessGroup,
     device: torch.device,
     kernel: str = "auto",
+    plan: SequencePlan = WAN_SEQUENCE_PLAN,
 ) -> SequenceParallelHandle:
     """Shard a WanTransformer3DModel's tokens over the ulysses x ring groups (see the module doc)."""
     ulysses, ring = dist.get_world_size(ulysses_group), dist.get_world_size(ring_group)
@@ -127,32 +205,7 @@ def parallelize_sequence(
     handle = SequenceParallelHandle()
     if layout.sp_size == 1:
         return handle
-    patch_t, patch_h, patch_w = transformer.config.patch_size
-
-    def count_tokens(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        _, _, frames, height, width = hidden.shape
-        layout.set_tokens((frames // patch_t) * (height // patch_h) * (width // patch_w))
-
-    def shard_rope(module, args, output):
-        return tuple(layout.shard(freqs, dim=1) for freqs in output)
-
-    def shard_hidden(module, args, kwargs):
-        if "hidden_states" in kwargs:
-            kwargs = {**kwargs, "hidden_states": layout.shard(kwargs["hidden_states"], dim=1)}
-        else:
-            args = (layout.shard(args[0], dim=1), *args[1:])
-        return args, kwargs
-
-    def gather_output(module, args, output):
-        return layout.gather(output, dim=1)
-
-    handle.hooks += [
-        transformer.register_forward_pre_hook(count_tokens, with_kwargs=True),
-        transformer.rope.register_forward_hook(shard_rope),
-        transformer.blocks[0].register_forward_pre_hook(shard_hidden, with_kwargs=True),
-        transformer.proj_out.register_forward_hook(gather_output),
-    ]
+    _apply_plan(transformer, plan, layout, handle)
     attention = SequenceParallelAttention(ulysses_group=ulysses_group, ring_group=ring_group, device=device,
                                           kernel=kernel)
     processor = SequenceParallelAttnProcessor(attention, layout)

@@ -1,5 +1,6 @@
-"""The distributed session: ranks from torchrun or Slurm, one device per local rank, the process group and
-mesh, the values every rank must agree on, and teardown that always happens."""
+"""The distributed session: ranks from torchrun or Slurm, one device per local rank, the process group, the
+values every rank must agree on, and teardown that always happens. The layout's mesh is the plan's
+(parallel_dims), the point-to-point groups the handoff's (stage_split)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,15 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
-from .config import ConfigError
-from .parallel_dims import ParallelDims
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +99,7 @@ def rank_env(environ: dict[str, str] | None = None) -> RankEnv:
 class Session:
     env: RankEnv
     device: torch.device
-    dims: ParallelDims
-    mesh: DeviceMesh
-    # Point-to-point traffic runs on two groups of its own: inputs out of rank 0 and latents back to it.
-    # On nccl, sends and receives between two ranks on one communicator complete in issue order, so
-    # rank 0 handing over video i+1 while the DiT leader hands back video i would deadlock on one group.
-    inputs_group: dist.ProcessGroup | None = None
-    latents_group: dist.ProcessGroup | None = None
+    timeout_s: float | None = None  # every group of the run is created with it
 
     @property
     def rank(self) -> int:
@@ -117,18 +110,8 @@ class Session:
         return self.env.world_size
 
     @property
-    def is_dit_rank(self) -> bool:
-        return self.dims.is_dit_rank(self.rank)
-
-    @property
     def backend(self) -> str:
         return dist.get_backend()
-
-    def group(self, axis: str) -> dist.ProcessGroup:
-        return self.mesh.get_group(axis)
-
-    def axis_rank(self, axis: str) -> int:
-        return self.mesh.get_local_rank(axis)
 
     def agree(self, value: Any, src: int = 0) -> Any:
         """`value` as rank `src` has it, on every rank."""
@@ -248,14 +231,6 @@ def init_process_group(
     return store
 
 
-def build_session(env: RankEnv, device: torch.device, dims: ParallelDims) -> Session:
-    """Mesh and point-to-point groups on an initialized process group; collective: every rank calls it."""
-    mesh = dims.build_mesh(device.type)
-    ranks = list(range(env.world_size))
-    return Session(env=env, device=device, dims=dims, mesh=mesh,
-                   inputs_group=dist.new_group(ranks), latents_group=dist.new_group(ranks))
-
-
 def _abandon_process_group() -> None:
     """After a failure: nccl's orderly destroy can block on the peers' unmatched operations, and a rank
     that never exits keeps torchrun/srun from stopping the others. Abort instead; gloo destroys fine."""
@@ -267,22 +242,17 @@ def _abandon_process_group() -> None:
 
 @contextmanager
 def distributed_session(
-    resolve_dims: Callable[[int], ParallelDims], *, timeout_s: float, env: RankEnv | None = None,
-    store_prefix: str = "",
+    *, timeout_s: float, env: RankEnv | None = None, store_prefix: str = "",
 ) -> Iterator[Session]:
-    """Start the process group, agree on the split, build the mesh; always tear down.
-
-    `resolve_dims(world_size)` is called on every rank; it is deterministic, so a configuration error is
-    raised on all ranks alike and every rank exits non-zero.
-    """
+    """Start the process group; always tear down. A ConfigError raised inside (the plan is deterministic,
+    so raised on all ranks alike) ends every rank non-zero without blaming a peer."""
     env = env or rank_env()
     device = pick_device(env.local_rank)
     store = init_process_group(env, device, timeout_s, store_prefix)
     heartbeat = Heartbeat(store, env.rank, env.world_size) if store is not None else None
     try:
-        dims = resolve_dims(env.world_size)
-        log.debug("rank %d on %s (%s), mesh %s", env.rank, device, socket.gethostname(), dims.describe())
-        yield build_session(env, device, dims)
+        log.debug("rank %d of %d on %s (%s)", env.rank, env.world_size, device, socket.gethostname())
+        yield Session(env=env, device=device, timeout_s=timeout_s)
     except BaseException as error:
         lost_message = None
         # A ConfigError is raised on every rank alike and KeyboardInterrupt is the user's: nobody is lost.

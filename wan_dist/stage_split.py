@@ -1,29 +1,59 @@
-"""Moving work between the encoder/VAE rank (rank 0) and the DiT ranks, point to point.
+"""The handoff between rank 0 (encoders, VAE, outputs) and the DiT ranks, point to point.
 
-Rank 0 encodes prompts (and the I2V image) and sends the embeddings to every DiT rank; the DiT leader
-sends the final latents back. Sends are non-blocking so that, with a stage split and a prompt queue,
-rank 0 can hand over video i+1 and then decode video i while the DiT ranks denoise i+1.
+Rank 0 hands each video's inputs (`DitInputs`) to every DiT rank; the DiT leader hands the final latents
+back (`DitOutputs`). What travels is a typed dataclass: its wire format is derived from its fields (in
+field order; a fixed-size int64 header gives, per field, whether it is present, its dtype and shape), so
+both sides agree by construction; no pickling, so it works alike on gloo and nccl. Where rank 0 is a DiT
+rank itself (no stage split), the same calls pass the objects through a local queue.
+
+The ordering rule lives here too: video i+1 is handed over before video i is decoded (and with a stage
+split, before video i's latents are awaited), so the DiT ranks never wait for rank 0's decode.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
-# Tensors travel as a fixed-size int64 header (names are agreed by order, shapes and dtypes are sent)
-# followed by the tensors themselves; no pickling, so it works alike on gloo and nccl.
+from .parallel_dims import ParallelDims
+
 _HEADER_LEN = 64
 _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
 
 
-def _header(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    values = [len(tensors)]
-    for tensor in tensors:
-        values += [_DTYPE_CODES.index(tensor.dtype), tensor.ndim, *tensor.shape]
+@dataclass(frozen=True)
+class DitInputs:
+    """What the DiT ranks need for one video, as rank 0 encoded it."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor | None = None  # None without guidance
+    image_embeds: torch.Tensor | None = None  # I2V: CLIP image hidden states
+    condition: torch.Tensor | None = None  # I2V: mask channels + VAE-encoded first frame
+
+
+@dataclass(frozen=True)
+class DitOutputs:
+    latents: torch.Tensor
+
+
+Message = TypeVar("Message", DitInputs, DitOutputs)
+# The header starts with the message's kind, so a receiver expecting another kind fails loudly.
+_KINDS = (DitInputs, DitOutputs)
+
+
+def _header(message: DitInputs | DitOutputs, device: torch.device) -> torch.Tensor:
+    values = [_KINDS.index(type(message))]
+    for item in fields(message):
+        tensor = getattr(message, item.name)
+        values += [0] if tensor is None else [1, _DTYPE_CODES.index(tensor.dtype), tensor.ndim, *tensor.shape]
     if len(values) > _HEADER_LEN:
-        raise ValueError("too many or too high-dimensional tensors for one transfer")
+        raise ValueError(f"{type(message).__name__} has too many or too high-dimensional tensors for one header")
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64)
-    header[: len(values)] = torch.tensor(values)
+    header[: len(values)] = torch.tensor(values, dtype=torch.int64)
     return header.to(device)
 
 
@@ -40,37 +70,103 @@ class PendingSend:
         self._works, self._buffers = [], []
 
 
-def send_tensors(
-    tensors: dict[str, torch.Tensor], dst_ranks: list[int], device: torch.device,
-    group: dist.ProcessGroup | None = None,
-) -> PendingSend:
-    """Send `tensors` (in key order) to each (global) rank of `dst_ranks` over `group`, which must span
-    all ranks; returns without waiting."""
-    values = [tensors[name].detach().to(device).contiguous() for name in sorted(tensors)]
-    header = _header(values, device)
+def send_message(message: DitInputs | DitOutputs, dst_ranks: list[int], device: torch.device,
+                 group: dist.ProcessGroup | None = None) -> PendingSend:
+    """Send `message` to each (global) rank of `dst_ranks` over `group`, which must span them and this
+    rank; returns without waiting."""
+    tensors = [t.detach().to(device).contiguous() for t in (getattr(message, f.name) for f in fields(message))
+               if t is not None]
+    header = _header(message, device)
     works = []
     for dst in dst_ranks:
         works.append(dist.isend(header, dst, group=group))
-        works += [dist.isend(value, dst, group=group) for value in values]
-    return PendingSend(works, [header, *values])
+        works += [dist.isend(tensor, dst, group=group) for tensor in tensors]
+    return PendingSend(works, [header, *tensors])
 
 
-def recv_tensors(
-    names: list[str], src: int, device: torch.device, group: dist.ProcessGroup | None = None
-) -> dict[str, torch.Tensor]:
-    """Receive what `send_tensors` sent under `names` (sorted the same way on both sides)."""
+def recv_message(kind: type[Message], src: int, device: torch.device,
+                 group: dist.ProcessGroup | None = None) -> Message:
+    """Receive what `send_message` sent as a `kind`."""
     header = torch.zeros(_HEADER_LEN, dtype=torch.int64, device=device)
     dist.recv(header, src, group=group)
-    values = header.tolist()
-    count, pos = values[0], 1
-    if count != len(names):
-        raise RuntimeError(f"rank {src} sent {count} tensors, expected {len(names)} ({sorted(names)})")
-    out = {}
-    for name in sorted(names):
-        dtype, ndim = _DTYPE_CODES[values[pos]], values[pos + 1]
-        shape = values[pos + 2 : pos + 2 + ndim]
-        pos += 2 + ndim
-        buffer = torch.empty(shape, dtype=dtype, device=device)
+    values, pos, out = header.tolist(), 1, {}
+    if _KINDS[values[0]] is not kind:
+        raise RuntimeError(f"rank {src} sent a {_KINDS[values[0]].__name__}, expected a {kind.__name__}")
+    for item in fields(kind):
+        present = values[pos]
+        if not present:
+            out[item.name], pos = None, pos + 1
+            continue
+        dtype, ndim = _DTYPE_CODES[values[pos + 1]], values[pos + 2]
+        buffer = torch.empty(values[pos + 3 : pos + 3 + ndim], dtype=dtype, device=device)
+        pos += 3 + ndim
         dist.recv(buffer, src, group=group)
-        out[name] = buffer
-    return out
+        out[item.name] = buffer
+    return kind(**out)
+
+
+class Handoff:
+    """Inputs out of rank 0, latents back to it. Every rank builds it (group creation is collective).
+
+    Point-to-point traffic runs on two groups of its own, one per direction: on nccl, sends and receives
+    between two ranks on one communicator complete in issue order, so rank 0 handing over video i+1 while
+    the DiT leader hands back video i would deadlock on one group.
+    """
+
+    def __init__(self, *, rank: int, world_size: int, dims: ParallelDims, device: torch.device,
+                 timeout_s: float | None = None) -> None:
+        self.rank, self.dims, self.device = rank, dims, device
+        ranks = list(range(world_size))
+        self._inputs_group = _new_group(ranks, timeout_s)
+        self._latents_group = _new_group(ranks, timeout_s)
+        self._remote_dit_ranks = [r for r in dims.dit_ranks if r != 0]
+        self._local_inputs: deque[DitInputs] = deque()
+        self._local_outputs: deque[DitOutputs] = deque()
+        self._pending: deque[PendingSend] = deque()
+        self.handed_over = 0
+
+    @property
+    def ahead(self) -> int:
+        """How many videos rank 0 hands over before it awaits the first latents: with a stage split the
+        DiT ranks start on video i+1 while rank 0 decodes video i."""
+        return 2 if self.dims.stage_split else 1
+
+    # rank 0
+    def hand_over(self, inputs: DitInputs) -> None:
+        if self.dims.is_dit_rank(self.rank):
+            self._local_inputs.append(inputs)
+        if self._remote_dit_ranks:
+            self._pending.append(send_message(inputs, self._remote_dit_ranks, self.device, self._inputs_group))
+        self.handed_over += 1
+
+    def take_latents(self) -> torch.Tensor:
+        if self.rank == self.dims.dit_leader:
+            return self._local_outputs.popleft().latents
+        return recv_message(DitOutputs, self.dims.dit_leader, self.device, self._latents_group).latents
+
+    # DiT ranks
+    def take_inputs(self) -> DitInputs:
+        if self.rank == 0:
+            return self._local_inputs.popleft()
+        return recv_message(DitInputs, 0, self.device, self._inputs_group)
+
+    def hand_back(self, latents: torch.Tensor) -> None:
+        """On the DiT leader: the latents of the video just denoised, to rank 0."""
+        if self.rank != self.dims.dit_leader:
+            return
+        if self.rank == 0:
+            self._local_outputs.append(DitOutputs(latents))
+        else:
+            send_message(DitOutputs(latents), [0], self.device, self._latents_group).wait()
+
+    def finish(self) -> None:
+        """Wait for the sends still in flight (their buffers must outlive them)."""
+        while self._pending:
+            self._pending.popleft().wait()
+
+
+def _new_group(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
+    import datetime
+
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return dist.new_group(ranks, timeout=timeout)

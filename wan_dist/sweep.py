@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,6 +21,8 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from .video import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +179,8 @@ def write_chart(rows: list[JobRow], path: Path) -> bool:
     for axis in (left, right):
         axis.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 

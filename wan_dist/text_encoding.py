@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -17,9 +16,14 @@ from typing import Any
 
 import torch
 
-from .loading import TEXT_MAX_TOKENS
+from .decode import normalize_latents
+from .video import atomic_write
 
 log = logging.getLogger(__name__)
+
+# Wan's text context: every prompt is padded or cut to 512 UMT5 tokens, and the I2V cross-attention relies
+# on exactly 512 text tokens before the image's.
+TEXT_MAX_TOKENS = 512
 
 
 @dataclass
@@ -80,10 +84,8 @@ class TextEncoder:
         embeds = torch.zeros_like(hidden)
         embeds[:, :length] = hidden[:, :length]
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(embeds, tmp)
-            os.replace(tmp, path)
+            # Another process sharing the cache may write the same entry: each writes its own temp file.
+            atomic_write(path, lambda tmp: torch.save(embeds, tmp))
         return embeds
 
     def encode_job(self, job: PromptJob) -> dict[str, torch.Tensor]:
@@ -162,10 +164,7 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
     pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
     pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
     video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
-    latent = vae.encode(video.to(vae.dtype)).latent_dist.mode().float()
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latent)
-    latent = (latent - mean) * inv_std
+    latent = normalize_latents(vae.encode(video.to(vae.dtype)).latent_dist.mode().float(), vae.config)
 
     latent_frames, lh, lw = latent.shape[2:]
     mask = torch.ones(1, 1, num_frames, lh, lw)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> Path:
+def atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = True) -> Path:
     """Write to a temp file beside `path`, then move it into place; with `overwrite=False` an existing
     `path` is kept (the move is a hard link, which fails rather than replace, even against a racing
     writer) and FileExistsError raised."""
@@ -30,6 +30,11 @@ def _atomic_write(path: Path, write: Callable[[Path], None], overwrite: bool = T
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def output_names(index: int, queued: bool) -> tuple[str, str]:
+    """The video and frames file names of video `index` (a prompt queue numbers them)."""
+    return (f"video_{index}.mp4", f"frames_{index}.npy") if queued else ("video.mp4", "frames.npy")
 
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -51,7 +56,7 @@ def write_video(frames: np.ndarray, path: Path, frame_rate: int, *, overwrite: b
             for frame in to_uint8(frames):
                 writer.append_data(frame)
 
-    return _atomic_write(path, write, overwrite)
+    return atomic_write(path, write, overwrite)
 
 
 def write_frames(frames: np.ndarray, path: Path, *, overwrite: bool = True) -> Path:
@@ -59,8 +64,8 @@ def write_frames(frames: np.ndarray, path: Path, *, overwrite: bool = True) -> P
         with open(tmp, "wb") as handle:  # a handle, so np.save adds no ".npy" to the temp name
             np.save(handle, frames.astype(np.float32))
 
-    return _atomic_write(path, write, overwrite)
+    return atomic_write(path, write, overwrite)
 
 
 def write_json(data: dict[str, Any], path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=str) + "\n"))

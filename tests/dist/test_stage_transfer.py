@@ -1,48 +1,52 @@
-"""send_tensors / recv_tensors between the encoder rank and the DiT ranks, on 3 gloo ranks.
+"""send_message / recv_message between the encoder rank and the DiT ranks, on 3 gloo ranks: the typed
+messages arrive whole (every field, dtype and shape; absent fields stay absent), in order.
 
 Process start-up is the cost, so one spawned world runs every scenario and the tests check its results.
 """
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import pytest
 import torch
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.stage_split import recv_tensors, send_tensors
+from wan_dist.stage_split import DitInputs, DitOutputs, recv_message, send_message
 
 WORLD = 3
 DIT_RANKS = [1, 2]
 
 
-def payload(tag: int) -> dict[str, torch.Tensor]:
-    """Several dtypes and shapes, the values depending on `tag` so that transfers can be told apart."""
+def payload(tag: int) -> DitInputs:
+    """Several dtypes and shapes, the values depending on `tag` so that transfers can be told apart; odd
+    tags leave the optional fields out."""
     g = torch.Generator().manual_seed(tag)
-    return {
-        "prompt_embeds": torch.randn(1, 512, 32, generator=g),
-        "negative_prompt_embeds": torch.randn(1, 512, 32, generator=g).to(torch.bfloat16),
-        "latents": torch.randn(1, 16, 3, 5, 7, generator=g, dtype=torch.float64),
-        "image_embeds": torch.randn(2, 9, generator=g).to(torch.float16),
-        "lengths": torch.randint(0, 10_000, (3,), generator=g),
-        "step": torch.tensor(tag, dtype=torch.int64),  # 0-d
-        "vector": torch.arange(5, dtype=torch.float32)[::2] + tag,  # non-contiguous view
-    }
+    full = tag % 2 == 0
+    return DitInputs(
+        prompt_embeds=torch.randn(1, 512, 32, generator=g),
+        negative_prompt_embeds=torch.randn(1, 512, 32, generator=g).to(torch.bfloat16) if full else None,
+        image_embeds=torch.randn(2, 9, generator=g).to(torch.float16) if full else None,
+        condition=(torch.arange(20, dtype=torch.float64)[::2] + tag) if full else None,  # non-contiguous view
+    )
 
 
-def _transfers(rank: int, world_size: int, rounds: int) -> list[dict[str, torch.Tensor]] | None:
+def latents(tag: int) -> DitOutputs:
+    return DitOutputs(torch.randn(1, 16, 3, 5, 7, generator=torch.Generator().manual_seed(tag)))
+
+
+def _transfers(rank: int, world_size: int, rounds: int):
     cpu = torch.device("cpu")
-    names = list(payload(0))
     if rank == 0:
         # Every round is sent before any is waited for: rank 0 hands over video i+1 while i is in flight.
-        pending = [send_tensors(payload(tag), DIT_RANKS, cpu) for tag in range(rounds)]
+        pending = [send_message(payload(tag), DIT_RANKS, cpu) for tag in range(rounds)]
         for send in pending:
             send.wait()
         # and the way back: the DiT leader sends latents to rank 0
-        back = recv_tensors(["latents"], src=1, device=cpu)
-        return [back]
-    received = [recv_tensors(names, src=0, device=cpu) for _ in range(rounds)]
+        return [recv_message(DitOutputs, src=1, device=cpu)]
+    received = [recv_message(DitInputs, src=0, device=cpu) for _ in range(rounds)]
     if rank == 1:
-        send_tensors({"latents": received[-1]["latents"] * 2}, [0], cpu).wait()
+        send_message(DitOutputs(received[-1].prompt_embeds[:1, :3] * 2), [0], cpu).wait()
     return received
 
 
@@ -51,16 +55,20 @@ def results():
     return run_on_ranks(WORLD, _transfers, 3, timeout=120)
 
 
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype, name
-        assert got[name].shape == want[name].shape, name
-        assert torch.equal(got[name], want[name]), name
+def assert_same(got, want) -> None:
+    assert type(got) is type(want)
+    for item in fields(want):
+        a, b = getattr(got, item.name), getattr(want, item.name)
+        if b is None:
+            assert a is None, item.name
+            continue
+        assert a.dtype == b.dtype, item.name
+        assert a.shape == b.shape, item.name
+        assert torch.equal(a, b), item.name
 
 
 @pytest.mark.parametrize("rank", DIT_RANKS)
-def test_every_dit_rank_receives_the_tensors(results, rank):
+def test_every_dit_rank_receives_the_inputs(results, rank):
     assert_same(results[rank][0], payload(0))
 
 
@@ -73,26 +81,23 @@ def test_consecutive_transfers_arrive_in_order(results, rank):
 
 def test_latents_back_to_rank_zero(results):
     (back,) = results[0]
-    assert_same(back, {"latents": payload(2)["latents"] * 2})
+    assert_same(back, DitOutputs(payload(2).prompt_embeds[:1, :3] * 2))
 
 
-def _count_mismatch(rank: int, world_size: int) -> str | None:
+def _kind_mismatch(rank: int, world_size: int) -> str | None:
     cpu = torch.device("cpu")
     if rank == 0:
-        send_tensors({"a": torch.ones(2), "b": torch.zeros(3)}, [1], cpu).wait()
+        send_message(latents(0), [1], cpu).wait()
         return None
     try:
-        recv_tensors(["a"], src=0, device=cpu)
+        recv_message(DitInputs, src=0, device=cpu)
     except RuntimeError as error:
-        # drain what is still on the wire so that teardown is clean
-        dist_buffers = [torch.empty(2), torch.empty(3)]
-        for buffer in dist_buffers:
-            torch.distributed.recv(buffer, 0)
+        torch.distributed.recv(torch.empty(1, 16, 3, 5, 7), 0)  # drain the wire so that teardown is clean
         return str(error)
     return None
 
 
-def test_wrong_names_are_refused():
-    results = run_on_ranks(2, _count_mismatch, timeout=120)
+def test_wrong_kind_is_refused():
+    results = run_on_ranks(2, _kind_mismatch, timeout=120)
     assert results[1] is not None
-    assert "sent 2 tensors, expected 1" in results[1]
+    assert "sent a DitOutputs, expected a DitInputs" in results[1]

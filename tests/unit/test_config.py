@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from wan_dist.config import (
-    ConfigError,
-    LoraConfig,
-    RunConfig,
-    read_prompts,
-    register_configs,
-    validate_run,
-)
+from wan_dist.checks import read_prompts, validate_run
+from wan_dist.config import ConfigError, LoraConfig, RunConfig, register_configs
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -74,8 +68,7 @@ def refused(run: RunConfig, *fragments: str) -> str:
 
 def test_default_t2v_run_is_valid():
     run = t2v_run()
-    validate_run(run)
-    assert run.model.task == "t2v"
+    assert validate_run(run).task == "t2v"
 
 
 def test_hydra_composed_default_is_valid():
@@ -87,20 +80,17 @@ def test_hydra_composed_default_is_valid():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         run = OmegaConf.to_object(compose("generate"))
     assert isinstance(run, RunConfig)
-    validate_run(run)
-    assert (run.model.preset, run.model.task, run.parallel.preset) == ("tiny", "t2v", "auto")
+    assert (run.model.preset, validate_run(run).task, run.parallel.preset) == ("tiny", "t2v", "auto")
 
 
 def test_bare_schema_default_is_valid():
     run = RunConfig()
-    validate_run(run)
-    assert run.model.task == "t2v"
+    assert validate_run(run).task == "t2v"
 
 
 def test_valid_i2v_run(png):
     run = i2v_run(png)
-    validate_run(run)
-    assert run.model.task == "i2v"
+    assert validate_run(run).task == "i2v"
 
 
 def test_valid_edge_values():
@@ -218,8 +208,7 @@ def test_task_is_read_from_the_folder_i2v(tmp_path, png):
     run.model.path = str(folder)
     run.image = str(png)
     assert run.model.task is None
-    validate_run(run)
-    assert run.model.task == "i2v"
+    assert validate_run(run).task == "i2v"
 
 
 def test_task_is_read_from_the_folder_t2v(tmp_path):
@@ -227,8 +216,7 @@ def test_task_is_read_from_the_folder_t2v(tmp_path):
     run = RunConfig()
     run.model.preset = "t2v_14b"
     run.model.path = str(folder)
-    validate_run(run)
-    assert run.model.task == "t2v"
+    assert validate_run(run).task == "t2v"
 
 
 def test_folder_task_read_before_image_rules(tmp_path):
@@ -257,8 +245,7 @@ def test_cli_default_preset_with_i2v_folder_reads_task(tmp_path, png):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         run = OmegaConf.to_object(compose("generate", overrides=[f"model.path={folder}", f"image={png}"]))
-    validate_run(run)
-    assert run.model.task == "i2v"
+    assert validate_run(run).task == "i2v"
 
 
 def test_tiny_preset_task_contradiction_is_refused(png):
@@ -278,8 +265,7 @@ def test_unknown_task():
 def test_task_is_derived_when_unset():
     run = RunConfig()
     assert run.model.task is None
-    validate_run(run)
-    assert run.model.task == "t2v"
+    assert validate_run(run).task == "t2v"
 
 
 @pytest.mark.parametrize("key", ["dit_dtype", "vae_dtype", "text_encoder_dtype"])
@@ -412,7 +398,7 @@ def test_wan22_folder_refused(tmp_path, extra):
 
 
 def test_model_limits_from_the_folder_configs():
-    from wan_dist.config import check_model_limits
+    from wan_dist.checks import check_model_limits
 
     vae = {"scale_factor_spatial": 16, "scale_factor_temporal": 4}
     dit = {"patch_size": [1, 2, 2], "rope_max_seq_len": 32}

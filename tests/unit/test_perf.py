@@ -9,8 +9,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from wan_dist.attention import available_kernels, resolve_kernel
-from wan_dist.config import ConfigError, RunConfig, validate_run
-from wan_dist.loading import BUILT_SPECS, build_transformer, load_transformer, read_component_config
+from wan_dist.building import build_transformer
+from wan_dist.checks import validate_run
+from wan_dist.config import ConfigError, RunConfig
+from wan_dist.loading import load_transformer, read_component_config
+from wan_dist.presets import MODEL_PRESETS
 from wan_dist.perf import (
     NVLINK, PCIE, dit_flops, gpu_peak_tflops, measure_matmul_tflops, predict_step, step_flops,
 )
@@ -55,7 +58,7 @@ def test_cpu_matmul_peak_is_measured():
 
 def _official_config(preset: str) -> dict:
     with torch.device("meta"):
-        transformer = build_transformer(BUILT_SPECS[preset])
+        transformer = build_transformer(MODEL_PRESETS[preset].spec)
     return {"params": sum(p.numel() for p in transformer.parameters()), **transformer.config}
 
 
@@ -85,8 +88,7 @@ def test_scaling_model():
 def test_random_weights_only_for_real_presets():
     run = RunConfig()
     run.model.preset, run.model.random_weights = "t2v_1_3b", True
-    validate_run(run)
-    assert run.model.task == "t2v"
+    assert validate_run(run).task == "t2v"
     run = RunConfig()
     run.model.random_weights = True
     with pytest.raises(ConfigError, match="model.random_weights"):

@@ -7,7 +7,8 @@ import threading
 import pytest
 import torch
 
-from wan_dist.loading import TEXT_MAX_TOKENS, load_text_encoder, load_tokenizer
+from wan_dist.loading import load_text_encoder, load_tokenizer
+from wan_dist.text_encoding import TEXT_MAX_TOKENS
 from wan_dist.text_encoding import BackgroundEncoder, PromptJob, TextEncoder
 
 PROMPTS = [

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan_dist.config import ConfigError, RunConfig, check_model_folder, validate_run
+from wan_dist.checks import check_model_folder, validate_run
+from wan_dist.config import ConfigError, RunConfig
 from wan_dist.loading import load_transformer
 from wan_dist.video import write_video
 

@@ -1,0 +1,181 @@
+"""Random-weight Wan models built locally as diffusers-format folders: the tiny test models, the CPU bench
+model and the official architectures (model.random_weights=true). They are written as such a folder on
+first use and then read by exactly the same loading code as real weights, so the loading path is always
+the one under test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .loading import DTYPES_BY_NAME, read_component_config
+from .presets import MODEL_PRESETS, ModelSpec
+from .text_encoding import TEXT_MAX_TOKENS
+
+log = logging.getLogger(__name__)
+
+TINY_FORMAT_VERSION = 1
+
+
+def _tiny_tokenizer(folder: Path) -> None:
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    # Character-level, so every prompt maps to distinct ids without a trained vocabulary.
+    specials = ["<pad>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)]
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=TEXT_MAX_TOKENS,
+    )
+    fast.save_pretrained(folder / "tokenizer")
+
+
+def build_tiny_model(folder: str | Path, spec: ModelSpec = ModelSpec()) -> Path:
+    """Write a deterministic random-weight Wan2.1 diffusers folder (T2V or I2V) to `folder`."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    folder = Path(folder)
+    torch.manual_seed(spec.seed)
+    with _default_dtype(DTYPES_BY_NAME[spec.save_dtype]):
+        components = _random_components(spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        _tiny_tokenizer(Path(tmp))
+        from transformers import AutoTokenizer
+        components["tokenizer"] = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
+    pipeline_class = WanImageToVideoPipeline if spec.task == "i2v" else WanPipeline
+    pipeline_class(**components).save_pretrained(folder, safe_serialization=True)
+    (folder / "wan_dist_tiny.json").write_text(json.dumps({"version": TINY_FORMAT_VERSION, **asdict(spec)}))
+    return folder
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    # Building a 14B model in fp32 first would need 56 GB of memory; bf16 from the start halves it.
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+def build_transformer(spec: ModelSpec):
+    """The spec's WanTransformer3DModel, randomly initialised (on the current default device)."""
+    from diffusers import WanTransformer3DModel
+
+    i2v = spec.task == "i2v"
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
+        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
+        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=spec.rope_max_seq_len, image_dim=spec.clip_dim if i2v else None,
+        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
+    )
+
+
+def _random_components(spec: ModelSpec) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+    from transformers import (
+        CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel,
+    )
+
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=128, d_model=spec.text_dim, d_kv=8, d_ff=spec.text_dim * 2, num_layers=spec.text_layers,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    )).eval()
+    vae = AutoencoderKLWan(
+        base_dim=spec.vae_base_dim, z_dim=16, dim_mult=list(spec.vae_dim_mult), num_res_blocks=spec.vae_res_blocks,
+        temperal_downsample=[False, True, True],
+    ).eval()
+    i2v = spec.task == "i2v"
+    transformer = build_transformer(spec).eval()
+    self_gain, cross_gain = spec.attn_out_gain
+    with torch.no_grad():
+        # At random init the attention outputs are a small part of each block's update; strengthen them
+        # so a mistake in how tokens or prompts are mixed shows clearly in the frames.
+        for block in transformer.blocks:
+            block.attn1.to_out[0].weight.mul_(self_gain)
+            block.attn2.to_out[0].weight.mul_(cross_gain)
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
+    )
+    components: dict[str, Any] = dict(text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                                      transformer=transformer)
+    if i2v:
+        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2, num_hidden_layers=2,
+            num_attention_heads=4, image_size=spec.clip_image_size, patch_size=spec.clip_patch_size,
+        )).eval()
+        components["image_processor"] = CLIPImageProcessor(
+            crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
+            size={"shortest_edge": spec.clip_image_size},
+        )
+    return components
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WAN_DIST_CACHE", Path.home() / ".cache" / "wan_dist"))
+
+
+def _tiny_folder(preset: str) -> Path:
+    # A real preset's architecture with random weights must never be taken for its real weights.
+    suffix = "" if preset in ("tiny", "tiny_i2v") else "-random"
+    return cache_root() / "models" / f"{preset}{suffix}-v{TINY_FORMAT_VERSION}"
+
+
+def ensure_tiny_model(preset: str) -> Path:
+    """A preset's folder with random weights of its architecture (presets.MODEL_PRESETS), built once;
+    concurrent builders race harmlessly (atomic rename)."""
+    spec = MODEL_PRESETS[preset].spec
+    folder = _tiny_folder(preset)
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=folder.parent))
+    try:
+        log.info("building the %s model into %s (first use)", preset, folder)
+        build_tiny_model(tmp, spec)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def model_folder(model: ModelConfig) -> Path:
+    return Path(model.path) if model.path else ensure_tiny_model(model.preset)
+
+
+def tiny_model_folder_if_built(model: ModelConfig) -> Path | None:
+    if model.path:
+        return Path(model.path)
+    folder = _tiny_folder(model.preset)
+    return folder if (folder / "model_index.json").is_file() else None
+
+
+def dit_num_heads(model: ModelConfig) -> int:
+    """The DiT head count, for choosing the split; from config.json only (no weights)."""
+    folder = tiny_model_folder_if_built(model)
+    if folder is None:
+        return MODEL_PRESETS[model.preset].spec.heads
+    return int(read_component_config(folder, "transformer")["num_attention_heads"])

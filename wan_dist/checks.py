@@ -1,0 +1,264 @@
+"""Every check of a run made before any weight is read: the values a type cannot express (validate_run,
+right after composing), and the limits that come from the model folder's configs (read by the plan).
+Each refusal is one line naming the key, the value and what is allowed; nothing here mutates the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, TASKS, RunConfig
+from .errors import ConfigError, fail
+from .loading import PICKLE_SUFFIXES, read_lora_state_dict, read_safetensors_header
+from .parallel_dims import check_degrees
+from .presets import MODEL_PRESETS
+from .video import output_names
+
+# diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
+PIPELINE_TASKS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
+# The components of a Wan2.1 folder that hold weights.
+WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
+
+
+def read_task_from_folder(path: str) -> str:
+    """The task of a diffusers-format Wan folder, from its model_index.json (no weights are read)."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        fail("model.path", path, "a diffusers-format folder with a model_index.json")
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ConfigError(f"model.path={path!r} is not allowed: its model_index.json is not valid JSON "
+                          f"({error})") from None
+    if class_name not in PIPELINE_TASKS:
+        fail("model.path", path, f"a Wan2.1 folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, "
+              f"not {class_name!r}")
+    index_data = json.loads(index.read_text())
+    # Wan2.2's two-expert (transformer_2 / boundary_ratio) and TI2V (expand_timesteps) folders share the
+    # pipeline classes but sample differently; running them as Wan2.1 would be silently wrong.
+    wan22 = [key for key in ("transformer_2", "boundary_ratio", "expand_timesteps")
+             if index_data.get(key) not in (None, False, [None, None])]
+    if wan22:
+        fail("model.path", path, f"a Wan2.1 folder (this one has Wan2.2's {', '.join(wan22)})")
+    return PIPELINE_TASKS[class_name]
+
+
+def check_model_folder(path: str, allow_pickle: bool) -> None:
+    """Every component the folder's model_index.json names is there with a readable config, and its
+    weights are safetensors with a readable header (pickle files only with model.allow_pickle=true).
+    Reads headers and JSON only, never the weights."""
+    index = json.loads((Path(path) / "model_index.json").read_text())
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+            continue
+        sub = Path(path) / name
+        if not sub.is_dir():
+            fail("model.path", path, f"a complete model folder (model_index.json names {name}/, which is missing)")
+        if name not in WEIGHT_COMPONENTS:
+            continue
+        try:
+            json.loads((sub / "config.json").read_text())
+        except (OSError, ValueError) as error:
+            fail("model.path", path, f"a complete model folder with a readable {name}/config.json ({error})")
+        safetensors = sorted(sub.glob("*.safetensors"))
+        pickles = sorted(p for p in sub.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        for weights in safetensors:
+            try:
+                read_safetensors_header(weights)
+            except ValueError as error:
+                fail("model.path", path, f"readable safetensors weights ({name}/{weights.name}: {error})")
+        if not safetensors and pickles and not allow_pickle:
+            fail("model.path", path, f"weights in .safetensors files ({name}/ has only pickle files such as "
+                  f"{pickles[0].name}, which can run code when read; model.allow_pickle=true reads them with "
+                  "torch.load(weights_only=True))")
+        if not safetensors and not pickles:
+            fail("model.path", path, f"a complete model folder ({name}/ holds no weights)")
+
+
+def read_prompts(run: RunConfig) -> list[str]:
+    if run.prompts_file:
+        lines = Path(run.prompts_file).read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            fail("prompts_file", run.prompts_file, "a file with at least one non-empty line")
+        return prompts
+    return [run.prompt]
+
+
+def _check_lora_keys(key: str, path: str) -> None:
+    """Key names only (the header), so a wrong file is refused before any weight is read."""
+    try:
+        names = list(read_safetensors_header(path))
+    except ValueError as error:
+        fail(key, path, f"a readable safetensors file ({error})")
+    markers = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", ".diff")
+    if not any(marker in name for name in names for marker in markers):
+        fail(key, path, "a LoRA file (lora_A/lora_B or lora_down/lora_up weights); this one has none")
+
+
+def check_model_limits(run: RunConfig, vae_config: dict, dit_config: dict) -> None:
+    """Limits that come from the model folder's configs (read once the folder exists, before weights)."""
+    spatial = vae_config.get("scale_factor_spatial", 8)
+    _, patch_h, patch_w = dit_config.get("patch_size", (1, 2, 2))
+    for key, value, patch in (("height", run.height, patch_h), ("width", run.width, patch_w)):
+        if value % (spatial * patch):
+            fail(key, value, f"a multiple of {spatial * patch} for this model (VAE x{spatial}, patch {patch})")
+    temporal = vae_config.get("scale_factor_temporal", 4)
+    rope = dit_config.get("rope_max_seq_len", 1024)
+    sizes = {"num_frames": (run.num_frames - 1) // temporal + 1, "height": run.height // spatial // patch_h,
+             "width": run.width // spatial // patch_w}
+    for key, size in sizes.items():
+        if size > rope:
+            fail(key, getattr(run, key), f"at most {rope} positions after patching for this model's rotary "
+                  f"embeddings (it gives {size})")
+
+
+def check_loras(run: RunConfig, dit_config: dict) -> None:
+    """Each LoRA fits this model's DiT: every layer it adapts exists with matching sizes. Reads the LoRA
+    files (small) and builds the DiT on the meta device, so no model weight is read."""
+    if not run.lora:
+        return
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        modules = dict(WanTransformer3DModel.from_config(dit_config).named_modules())
+    for i, lora in enumerate(run.lora):
+        key = f"lora[{i}].path"
+        try:
+            state_dict = read_lora_state_dict(lora.path)
+        except Exception as error:  # the converters raise assorted errors on foreign layouts
+            fail(key, lora.path, f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
+        names = [name for name in state_dict if name.startswith("transformer.")]
+        if not names:
+            fail(key, lora.path, "a LoRA with Wan transformer weights (formats: diffusers, original Wan, musubi)")
+        for name in names:
+            layer, _, kind = name[len("transformer."):].rpartition(".lora_")
+            module, shape = modules.get(layer), tuple(state_dict[name].shape)
+            if kind not in ("A.weight", "B.weight"):
+                continue
+            expected = getattr(module, "in_features" if kind == "A.weight" else "out_features", None)
+            size = shape[1] if kind == "A.weight" else shape[0]
+            if module is None or expected != size:
+                fail(key, lora.path, f"a LoRA for this model: it adapts {layer} with size {size}, the model "
+                      f"{'has no such layer' if module is None else f'has {expected}'}")
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What checking a run learns about it without reading weights (the plan builds on these)."""
+
+    task: str
+    family: str
+
+
+FAMILY_WAN21 = "wan2.1"
+
+
+def validate_run(run: RunConfig) -> RunFacts:
+    """Every rule a type cannot express. Reads no weights: only small JSON files of the model folder.
+    Returns the task (and family) the run turned out to have; the run itself is left as it is."""
+    m = run.model
+    if m.preset not in MODEL_PRESETS:
+        fail("model", m.preset, f"one of {', '.join(MODEL_PRESETS)}")
+    preset = MODEL_PRESETS[m.preset]
+    real = [name for name, p in MODEL_PRESETS.items() if not p.built]
+    if m.random_weights and (m.path or preset.built):
+        fail("model.random_weights", True, f"false, or true with model=<{'|'.join(real)}> and no "
+             f"model.path (it builds that architecture with random weights)")
+    if not preset.built and not m.path and not m.random_weights:
+        raise ConfigError(
+            f"model={m.preset} needs its weights: model.path is not set. Download the diffusers-format repo "
+            f"{preset.repo} (e.g. `huggingface-cli download {preset.repo} --local-dir "
+            f"/models/{m.preset}`) and pass model.path=/models/{m.preset}"
+        )
+    if m.path:
+        if not Path(m.path).is_dir():
+            fail("model.path", m.path, "an existing local folder")
+        task = read_task_from_folder(m.path)
+        check_model_folder(m.path, m.allow_pickle)
+        source = f"the folder's task, {task!r} (read from {m.path}/model_index.json)"
+    else:
+        task = preset.task
+        source = f"{task!r}, the task of model={m.preset}"
+    if m.task is not None and m.task not in TASKS:
+        fail("model.task", m.task, f"one of {TASKS}")
+    if m.task is not None and m.task != task:
+        fail("model.task", m.task, f"unset or {source}")
+    for key in ("dit_dtype", "vae_dtype", "text_encoder_dtype"):
+        if getattr(m, key) not in DTYPES:
+            fail(f"model.{key}", getattr(m, key), f"one of {', '.join(DTYPES)}")
+    if m.text_encoder_device not in DEVICES:
+        fail("model.text_encoder_device", m.text_encoder_device, f"one of {', '.join(DEVICES)}")
+
+    p = run.parallel
+    # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
+    # refused before the process group starts.
+    check_degrees(p, guidance_scale=run.guidance_scale)
+    if p.timeout_s <= 0:
+        fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
+
+    if run.height <= 0 or run.height % 16:
+        fail("height", run.height, "a positive multiple of 16")
+    if run.width <= 0 or run.width % 16:
+        fail("width", run.width, "a positive multiple of 16")
+    if run.num_frames < 1 or (run.num_frames - 1) % 4:
+        fail("num_frames", run.num_frames, "of the form 4k+1 (1, 5, 9, ..., 81)")
+    if run.frame_rate <= 0:
+        fail("frame_rate", run.frame_rate, "a positive number of frames per second")
+    if run.steps <= 0:
+        fail("steps", run.steps, "a positive number of denoising steps")
+    if run.guidance_scale < 0:
+        fail("guidance_scale", run.guidance_scale, "a number >= 0 (guidance is used when > 1)")
+    if run.flow_shift <= 0:
+        fail("flow_shift", run.flow_shift, "a positive number (3.0 at 480p, 5.0 at 720p)")
+    if run.seed < -1 or run.seed >= 2**63:
+        fail("seed", run.seed, "a non-negative integer, or -1 for a random seed (recorded in run.json)")
+    if run.scheduler not in SCHEDULERS:
+        fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
+
+    if task == "i2v":
+        if not run.image:
+            fail("image", run.image, "a path to an existing image file: the model is image-to-video")
+        if not Path(run.image).is_file():
+            fail("image", run.image, "a path to an existing image file")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(run.image) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError) as error:
+            fail("image", run.image, f"an image file PIL can read ({error})")
+    elif run.image:
+        fail("image", run.image, "unset: the model is text-to-video (pass an image only to an i2v model)")
+
+    if run.prompts_file:
+        if not Path(run.prompts_file).is_file():
+            fail("prompts_file", run.prompts_file, "a path to an existing text file, one prompt a line")
+        read_prompts(run)
+    elif not run.prompt.strip():
+        fail("prompt", run.prompt, "a non-empty text (or prompts_file)")
+
+    for i, lora in enumerate(run.lora):
+        if not Path(lora.path).is_file():
+            fail(f"lora[{i}].path", lora.path, "an existing local .safetensors file")
+        if not str(lora.path).endswith(".safetensors"):
+            fail(f"lora[{i}].path", lora.path, "a .safetensors file")
+        _check_lora_keys(f"lora[{i}].path", lora.path)
+    if run.output.dir is not None and Path(run.output.dir).exists() and not Path(run.output.dir).is_dir():
+        fail("output.dir", run.output.dir, "a folder (it exists as a file)")
+    if run.output.dir is not None and not run.output.overwrite:
+        queued = run.prompts_file is not None
+        for index in range(len(read_prompts(run))):
+            video = Path(run.output.dir) / output_names(index, queued)[0]
+            if video.exists():
+                fail("output.dir", run.output.dir, f"a folder without {video.name} (a finished video is kept; "
+                      "output.overwrite=true replaces it)")
+    if run.attention not in ATTENTION_KERNELS:
+        fail("attention", run.attention, f"one of {', '.join(ATTENTION_KERNELS)}")
+    if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
+        fail("embedding_cache", run.embedding_cache, "a folder")
+    return RunFacts(task=task, family=FAMILY_WAN21)

@@ -1,0 +1,231 @@
+"""The job plan: every decision of a run, made once on every rank before any weight is read.
+
+`build_plan` resolves the run config against the world (its size, the device) and the model folder (its
+configs and safetensors headers, never a tensor): the family and task, the layout, which rank holds which
+component in which dtype on which device and how many bytes that is, the attention kernel of each use, the
+latent shape, the prompts and output names. The checks that need the folder or the world run here, so a
+bad run stops before loading, on every rank alike. The stages only execute the plan; `dry_run=true` prints
+it and stops.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attention import resolve_kernel
+from .building import model_folder
+from .checks import check_loras, check_model_limits, read_prompts, validate_run
+from .config import RunConfig
+from .errors import ConfigError
+from .loading import component_weight_bytes, read_component_config, resolve_dtype
+from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
+from .pipeline import LatentShape, latent_shape
+from .video import output_names, write_json
+
+# Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
+ENCODER_ROLE = "encoders+vae"
+DIT_ROLE = "dit"
+# Where each component's weights live in a diffusers-format folder.
+SUBFOLDERS = {"dit": "transformer", "vae": "vae", "text_encoder": "text_encoder", "image_encoder": "image_encoder"}
+# The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
+# cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
+ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One model component: its compute dtype, the device kind it runs on and the ranks that hold it."""
+
+    name: str
+    dtype: torch.dtype
+    device: str
+    ranks: tuple[int, ...]
+    weight_bytes: int  # the whole component in `dtype`, from its safetensors headers
+
+    @property
+    def subfolder(self) -> str:
+        return SUBFOLDERS[self.name]
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    rank: int
+    role: str
+    weight_bytes: dict[str, int]  # per component this rank holds
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return tuple(self.weight_bytes)
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    index: int
+    prompt: str
+    video: str  # file names inside the output dir
+    frames: str | None  # None unless output.save_frames
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    config: RunConfig  # as validated; never mutated (resolved values live in the plan's own fields)
+    folder: Path
+    family: str
+    task: str
+    world_size: int
+    device_type: str
+    dims: ParallelDims
+    components: dict[str, ComponentPlan]
+    kernels: dict[str, str]  # attention use -> kernel name
+    latent: LatentShape
+    num_tokens: int
+    negative_prompt: str | None  # None without guidance: there is no unconditional branch
+    videos: tuple[VideoPlan, ...]
+    out_dir: Path
+    seed: int
+    ranks: tuple[RankPlan, ...] = field(default=())
+
+    @property
+    def guided(self) -> bool:
+        return self.negative_prompt is not None
+
+    @property
+    def is_queue(self) -> bool:
+        return self.config.prompts_file is not None
+
+    def holds(self, rank: int, component: str) -> bool:
+        return component in self.components and rank in self.components[component].ranks
+
+    def role(self, rank: int) -> str:
+        return self.ranks[rank].role
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The run config as it ran: with the seed, output dir and task the plan resolved."""
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.structured(self.config), resolve=True)
+        config["seed"] = self.seed
+        config["output"]["dir"] = str(self.out_dir)
+        config["model"]["task"] = self.task
+        return config
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": {"folder": str(self.folder), "family": self.family, "task": self.task},
+            "world_size": self.world_size, "device": self.device_type,
+            "layout": {"cfg": self.dims.cfg, "ring": self.dims.ring, "ulysses": self.dims.ulysses,
+                       "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
+                       "describe": self.dims.describe()},
+            "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
+                                  "ranks": list(c.ranks), "weight_bytes": c.weight_bytes}
+                           for name, c in self.components.items()},
+            "kernels": dict(self.kernels),
+            "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
+            "seed": self.seed, "out_dir": str(self.out_dir),
+            "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
+                       for v in self.videos],
+            "ranks": [{"rank": r.rank, "role": r.role, "components": list(r.components),
+                       "weight_bytes": dict(r.weight_bytes)} for r in self.ranks],
+        }
+
+    def table(self) -> str:
+        """The plan for a person: the layout, then one row per rank."""
+        gib = 2**30
+        lines = [f"{self.family} {self.task}, {self.folder}",
+                 f"{self.world_size} rank(s) on {self.device_type}: {self.dims.describe()}; "
+                 f"latents {tuple(self.latent.shape)} = {self.num_tokens} DiT tokens; "
+                 f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}",
+                 f"{len(self.videos)} video(s) into {self.out_dir}", "",
+                 f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11}"]
+        for r in self.ranks:
+            held = ", ".join(f"{name} ({self.components[name].dtype}".replace("torch.", "") + ")"
+                             for name in r.components)
+            lines.append(f"{r.rank:>4}  {r.role:<17} {held:<42} {sum(r.weight_bytes.values()) / gib:>11.3f}")
+        return "\n".join(lines)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def build_plan(
+    run: RunConfig, *, world_size: int, rank: int, device: torch.device, out_dir: str | Path, seed: int,
+    agree: Callable[[Any], Any] = _identity,
+) -> JobPlan:
+    """Resolve `run` for this world. Called on every rank with the same arguments; `agree(value)` returns
+    rank 0's `value` on every rank (the session's broadcast), used where only rank 0 can find out (the
+    output dir it will write, the model it builds on first use). Raises ConfigError on every rank alike."""
+    facts = validate_run(run)
+    out_dir = Path(out_dir)
+    run = copy.deepcopy(run)
+    if rank == 0:
+        model_folder(run.model)  # a built preset is built once, here, before the other ranks read it
+    problem = agree(_output_problem(out_dir) if rank == 0 else None)
+    if problem:
+        raise ConfigError(problem)
+    folder = model_folder(run.model)
+    vae_config, dit_config = read_component_config(folder, "vae"), read_component_config(folder, "transformer")
+    dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=int(dit_config["num_attention_heads"]),
+                                 guidance_scale=run.guidance_scale)
+    shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
+    num_tokens = shape.num_tokens(tuple(dit_config["patch_size"]))
+    check_model_limits(run, vae_config, dit_config)
+    check_loras(run, dit_config)
+    check_sequence_length(dims, num_tokens)
+
+    encoder_device = device if run.model.text_encoder_device == "gpu" else torch.device("cpu")
+    encoder_dtype = resolve_dtype(run.model.text_encoder_dtype, encoder_device, gpu_default=torch.bfloat16)
+    wanted = {
+        "text_encoder": (encoder_dtype, encoder_device, (0,)),
+        "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device, (0,)),
+        "dit": (resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16), device,
+                tuple(dims.dit_ranks)),
+    }
+    if facts.task == "i2v":
+        wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
+    components = {
+        name: ComponentPlan(name=name, dtype=dtype, device=where.type, ranks=ranks,
+                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype))
+        for name, (dtype, where, ranks) in wanted.items()
+    }
+    kernel = resolve_kernel(run.attention, device)
+    prompts = read_prompts(run)
+    queued = run.prompts_file is not None
+    videos = []
+    for index, prompt in enumerate(prompts):
+        video_name, frames_name = output_names(index, queued)
+        videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
+    ranks = []
+    for r in range(world_size):
+        role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
+        ranks.append(RankPlan(rank=r, role=role, weight_bytes={
+            name: c.weight_bytes for name, c in components.items() if r in c.ranks}))
+    return JobPlan(
+        config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
+        device_type=device.type, dims=dims, components=components,
+        kernels={use: kernel for use in ATTENTION_USES}, latent=shape, num_tokens=num_tokens,
+        negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
+        out_dir=out_dir, seed=seed, ranks=tuple(ranks),
+    )
+
+
+def _output_problem(out_dir: Path) -> str | None:
+    """Rank 0 writes the outputs: find out now, not after the denoise."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
+            pass
+    except OSError as error:
+        return f"output.dir={str(out_dir)!r} is not allowed: a folder this user can write ({error})"
+    return None
+
+
+def write_plan(plan: JobPlan, path: Path) -> None:
+    write_json(plan.to_json(), path)

@@ -1,0 +1,154 @@
+"""The presets, stated once: every model preset (its task, its diffusers repository or the architecture
+built locally, its sampling defaults, its benchmark size) and every parallel preset (which degrees it
+fixes). Hydra's `model=` and `parallel=` groups, the config checks, the builders, the layout resolution
+and the bench all read these tables; nothing else lists a preset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Wan2.1's own negative prompt for its 14B and 1.3B models (the official generate.py's default).
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still "
+    "picture, messy background, three legs, many people in the background, walking backwards"
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of a random-weight Wan model built locally. The defaults are the tiny model: small enough that
+    a CPU run takes seconds, with a head count (3) that divides by no parallel degree but 3, so uneven heads
+    are the normal case."""
+
+    task: str = "t2v"
+    heads: int = 3
+    head_dim: int = 12
+    layers: int = 2
+    ffn_dim: int = 48
+    freq_dim: int = 32
+    rope_max_seq_len: int = 32
+    text_dim: int = 32
+    text_layers: int = 2
+    clip_dim: int = 32
+    clip_image_size: int = 32
+    clip_patch_size: int = 8
+    vae_base_dim: int = 8
+    vae_dim_mult: tuple[int, ...] = (1, 1, 1, 1)
+    vae_res_blocks: int = 1
+    # Scale of the attention outputs at init (see building.build_tiny_model); 1 keeps diffusers' own init.
+    attn_out_gain: tuple[float, float] = (4.0, 8.0)
+    # dtype the weights are stored in: the real sizes are written in bf16 to halve the disk they take.
+    save_dtype: str = "fp32"
+    seed: int = 0
+
+
+def _official(task: str, heads: int, layers: int, ffn_dim: int) -> ModelSpec:
+    """Wan2.1's published DiT and VAE dimensions; the text and image encoders are one-layer stand-ins of
+    the official widths (UMT5-XXL's 4096, CLIP ViT-H's 1280 at 224 px), which benchmarks keep on CPU."""
+    return ModelSpec(
+        task=task, heads=heads, head_dim=128, layers=layers, ffn_dim=ffn_dim, freq_dim=256,
+        rope_max_seq_len=1024, text_dim=4096, text_layers=1, clip_dim=1280, clip_image_size=224,
+        clip_patch_size=14, vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
+        attn_out_gain=(1.0, 1.0), save_dtype="bf16",
+    )
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One `model=<name>` choice: where its weights come from and the sampling it is run with."""
+
+    name: str
+    description: str
+    spec: ModelSpec  # its architecture: built with random weights for built presets and random_weights=true
+    repo: str | None = None  # the diffusers-format repository of a real preset (None: built locally)
+    height: int = 64
+    width: int = 64
+    num_frames: int = 9
+    frame_rate: int = 16
+    steps: int = 4
+    guidance_scale: float = 5.0
+    flow_shift: float = 3.0
+    negative_prompt: str = ""
+    # Sizes `launch/bench.py` runs it at (None: not a bench model).
+    bench_overrides: tuple[str, ...] | None = None
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+    @property
+    def built(self) -> bool:
+        """Built locally with random weights on first use, never downloaded."""
+        return self.repo is None
+
+    def hydra_node(self) -> dict:
+        """What `model=<name>` sets, at the top level of the run config."""
+        return {
+            "model": {"preset": self.name, "path": None, "text_encoder_device": "cpu"},
+            "height": self.height, "width": self.width, "num_frames": self.num_frames,
+            "frame_rate": self.frame_rate, "steps": self.steps, "guidance_scale": self.guidance_scale,
+            "flow_shift": self.flow_shift, "negative_prompt": self.negative_prompt,
+        }
+
+
+def _real(name: str, repo: str, spec: ModelSpec, **sampling) -> ModelPreset:
+    return ModelPreset(name=name, description=f"Wan2.1 {name}: pass the local diffusers-format folder of {repo} "
+                       "as model.path", spec=spec, repo=repo, num_frames=81,
+                       negative_prompt=WAN_NEGATIVE_PROMPT, **sampling)
+
+
+_MODEL_PRESETS = (
+    ModelPreset("tiny", "tiny random-weight T2V model, built locally on first use: seconds on a CPU",
+                ModelSpec(task="t2v"), bench_overrides=("height=128", "width=224", "num_frames=17", "steps=4")),
+    ModelPreset("tiny_i2v", "tiny random-weight I2V model (needs image=), built locally on first use",
+                ModelSpec(task="i2v")),
+    # Compute-bound on one CPU core (a 512-wide DiT, about 90% of a step in its matmuls and attention at
+    # 192x320x17), yet built in seconds: what `make bench` measures parallel speed-ups on.
+    ModelPreset("bench", "a 512-wide random-weight DiT built locally: compute-bound on one CPU core",
+                ModelSpec(task="t2v", heads=8, head_dim=64, layers=4, ffn_dim=2048, freq_dim=256, text_dim=256,
+                          text_layers=1),
+                height=192, width=320, num_frames=17, bench_overrides=("steps=4",)),
+    _real("t2v_1_3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", _official("t2v", heads=12, layers=30, ffn_dim=8960),
+          height=480, width=832, steps=50, bench_overrides=("height=480", "width=832", "num_frames=81", "steps=10")),
+    _real("t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", _official("t2v", heads=40, layers=40, ffn_dim=13824),
+          height=720, width=1280, steps=50, flow_shift=5.0,
+          bench_overrides=("height=720", "width=1280", "num_frames=81", "steps=5")),
+    _real("i2v_14b_480p", "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+          _official("i2v", heads=40, layers=40, ffn_dim=13824), height=480, width=832, steps=40),
+    _real("i2v_14b_720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+          _official("i2v", heads=40, layers=40, ffn_dim=13824), height=720, width=1280, steps=40, flow_shift=5.0),
+)
+MODEL_PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in _MODEL_PRESETS}
+
+
+@dataclass(frozen=True)
+class ParallelPreset:
+    """What one `parallel=<name>` fixes; degrees left None are filled from the world size."""
+
+    name: str
+    cfg: int | None = None
+    ulysses: int | None = None
+    ring: int | None = None
+    stage_split: bool | None = None
+    # usp and cfg_usp keep a ring axis beside Ulysses when the world allows two axes.
+    both_sequence_axes: bool = False
+    # Only these presets add a cfg axis on their own when guidance is on and the ranks divide.
+    picks_cfg: bool = False
+    doc: str = field(default="", compare=False)
+
+
+_PARALLEL_PRESETS = (
+    ParallelPreset("auto", picks_cfg=True, doc="cfg when guided and the ranks divide, then the sequence axes"),
+    ParallelPreset("single", cfg=1, ulysses=1, ring=1, stage_split=False, doc="one rank holds everything"),
+    ParallelPreset("stage_split", stage_split=True, picks_cfg=True,
+                   doc="rank 0 holds the encoders and VAE, the other ranks the DiT"),
+    ParallelPreset("cfg", cfg=2, ulysses=1, ring=1, doc="the two guidance branches on two ranks"),
+    ParallelPreset("ulysses", cfg=1, ring=1, doc="Ulysses sequence parallelism over all DiT ranks"),
+    ParallelPreset("ring", cfg=1, ulysses=1, doc="Ring attention over all DiT ranks"),
+    ParallelPreset("usp", cfg=1, both_sequence_axes=True, doc="Ulysses x Ring"),
+    ParallelPreset("cfg_usp", cfg=2, both_sequence_axes=True, doc="cfg x Ulysses x Ring"),
+)
+PARALLEL_PRESETS: dict[str, ParallelPreset] = {preset.name: preset for preset in _PARALLEL_PRESETS}

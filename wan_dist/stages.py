@@ -1,0 +1,230 @@
+"""The two roles of a run, each a small unit that loads what the plan gives its rank and runs it.
+
+`EncoderStage` (rank 0): the text encoder (background thread), the I2V image encoder and the VAE; it
+encodes each video's inputs, hands them over, takes the latents back, decodes and writes. `DitStage` (the
+DiT ranks): the DiT, parallelized as the plan says; it takes each video's inputs, denoises and hands the
+latents back. They talk only through the `Handoff`.
+
+Each stage's `run()` is a generator that yields where the other stage of the same rank may go on: rank 0
+without a stage split holds both and `run_stages` alternates them (encode and hand over video i, denoise
+it, decode it); a rank with one stage just runs it to the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .cfg_parallel import GuidedNoise
+from .decode import decode_latents
+from .loading import (
+    apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
+    load_vae, parameter_bytes,
+)
+from .metrics import RankMetrics
+from .parallelize import DitHandle, parallelize_dit
+from .pipeline import denoise, initial_noise
+from .plan import JobPlan
+from .session import Session
+from .stage_split import DitInputs, Handoff
+from .text_encoding import (
+    BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds,
+)
+from .video import write_frames, write_video
+
+log = logging.getLogger(__name__)
+
+
+def _component_device(plan: JobPlan, name: str, session: Session) -> torch.device:
+    return session.device if plan.components[name].device == session.device.type else torch.device("cpu")
+
+
+class EncoderStage:
+    """Rank 0's side: encode, hand over, take the latents back, decode, write."""
+
+    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics) -> None:
+        self.plan, self.session, self.handoff, self.metrics = plan, session, handoff, metrics
+        config, folder = plan.config, plan.folder
+        allow_pickle = config.model.allow_pickle
+        self.videos: list[dict] = []
+        with metrics.timed("load_s"):
+            self.vae = load_vae(folder, plan.components["vae"].dtype, session.device, allow_pickle=allow_pickle)
+        metrics.hold("vae", parameter_bytes(self.vae))
+
+        text = plan.components["text_encoder"]
+        text_device = _component_device(plan, "text_encoder", session)
+
+        def load_model():
+            with metrics.timed("load_s"):
+                model = load_text_encoder(folder, text.dtype, text_device, allow_pickle=allow_pickle)
+            metrics.hold("text_encoder", parameter_bytes(model))
+            return model
+
+        encoder = TextEncoder(load_tokenizer(folder), load_model=load_model, dtype=text.dtype,
+                              cache_dir=config.embedding_cache,
+                              cache_key=_weights_fingerprint(folder / text.subfolder))
+        self._jobs = [PromptJob(v.index, v.prompt, plan.negative_prompt) for v in plan.videos]
+        texts = {t for job in self._jobs for t in (job.prompt, job.negative_prompt) if t is not None}
+        # Load here, on the main thread, unless the cache holds every text: model loading patches
+        # module construction process-wide and must not overlap the DiT/VAE loads from a thread.
+        if not all(encoder.is_cached(t) for t in texts):
+            encoder.model = load_model()
+        self._encoder = encoder
+        self._image_inputs: dict[str, torch.Tensor] = {}
+        if "image_encoder" in plan.components:
+            self._image_inputs = self._encode_image(text_device, allow_pickle)
+        self._background: BackgroundEncoder | None = None
+        self._results: Iterator | None = None
+
+    def _encode_image(self, device: torch.device, allow_pickle: bool) -> dict[str, torch.Tensor]:
+        """The I2V image's CLIP embeddings and VAE condition, once for the whole queue."""
+        from diffusers.utils import load_image
+
+        config = self.plan.config
+        with self.metrics.timed("load_s"):
+            image_encoder, processor = load_image_encoder(
+                self.plan.folder, self.plan.components["image_encoder"].dtype, device, allow_pickle=allow_pickle)
+        self.metrics.hold("image_encoder", parameter_bytes(image_encoder))
+        with self.metrics.timed("encode_s"):
+            image = load_image(config.image)
+            inputs = {
+                "image_embeds": encode_image_embeds(image, image_encoder, processor),
+                "condition": encode_image_condition(image, self.vae, height=config.height, width=config.width,
+                                                    num_frames=config.num_frames),
+            }
+        del image_encoder
+        self.metrics.release("image_encoder")
+        return inputs
+
+    def start(self) -> None:
+        """Start encoding in the background. Only once every model of this rank is loaded: diffusers'
+        and transformers' loaders patch tensor and module construction process-wide while they run."""
+        self._background = BackgroundEncoder(self._encoder, self._jobs)
+        self._results = iter(self._background)
+        self._encoder = None  # the thread holds the only reference; it is freed when the queue is done
+
+    def _hand_over_through(self, index: int) -> None:
+        while self.handoff.handed_over <= min(index, len(self.plan.videos) - 1):
+            job, tensors, seconds = next(self._results)
+            self.metrics.timings["encode_s"] = self.metrics.timings.get("encode_s", 0.0) + seconds
+            self.handoff.hand_over(DitInputs(
+                prompt_embeds=tensors["prompt_embeds"],
+                negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
+                image_embeds=self._image_inputs.get("image_embeds"),
+                condition=self._image_inputs.get("condition"),
+            ))
+            if self.handoff.handed_over == len(self.plan.videos):
+                self.close()
+
+    def run(self) -> Iterator[None]:
+        plan, device = self.plan, self.session.device
+        config = plan.config
+        for video in plan.videos:
+            self._hand_over_through(video.index + self.handoff.ahead - 1)
+            yield  # a DiT stage on this rank denoises the video now
+            latents = self.handoff.take_latents()
+            # The ordering rule: the next video is handed over before this one is decoded.
+            self._hand_over_through(video.index + self.handoff.ahead)
+            with self.metrics.timed("decode_s", device):
+                frames = decode_latents(latents, self.vae)
+            with self.metrics.timed("write_s"):
+                write_video(frames, plan.out_dir / video.video, config.frame_rate, overwrite=config.output.overwrite)
+                if video.frames:
+                    write_frames(frames, plan.out_dir / video.frames, overwrite=config.output.overwrite)
+            self.videos.append({"index": video.index, "prompt": video.prompt, "video": video.video,
+                                "frames": video.frames, "shape": list(frames.shape)})
+            log.info("wrote %s", plan.out_dir / video.video)
+            self.metrics.video_done(device)
+
+    def close(self) -> None:
+        if self._background is None:
+            return
+        self._background.close()
+        self._background = self._results = None
+        self.metrics.release("text_encoder")  # no-op when a warm cache meant it was never loaded
+        gc.collect()
+
+
+def _weights_fingerprint(folder: Path) -> str:
+    """Names, sizes and mtimes of a component's files: cached embeddings go stale when the weights
+    at the same path change."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return "|".join([str(folder.resolve())] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files])
+
+
+class DitStage:
+    """A DiT rank's side: take the inputs, denoise, hand the latents back."""
+
+    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, mesh) -> None:
+        self.plan, self.session, self.handoff, self.metrics = plan, session, handoff, metrics
+        self.dtype = plan.components["dit"].dtype
+        config, device = plan.config, session.device
+        with metrics.timed("load_s", device):
+            self.transformer = load_transformer(plan.folder, self.dtype, device,
+                                                allow_pickle=config.model.allow_pickle)
+            apply_loras(self.transformer, list(config.lora))
+            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)
+        metrics.hold("dit", parameter_bytes(self.transformer))
+        self.cfg_group = mesh.get_group("cfg")
+        self.handle: DitHandle = parallelize_dit(
+            self.transformer, kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
+            ring_group=mesh.get_group("ring"), context_cache=config.context_cache, compile_blocks=config.compile)
+        # A rank that also encodes records its memory after each decode instead.
+        self._records_videos = not plan.holds(session.rank, "vae")
+
+    def run(self) -> Iterator[None]:
+        plan, device = self.plan, self.session.device
+        for video in plan.videos:
+            inputs = self.handoff.take_inputs()
+            latents = self._denoise(inputs, description=f"video {video.index + 1}/{len(plan.videos)}")
+            if self.handle.context_cache is not None:
+                self.handle.context_cache.clear()  # this video's prompts are done: free their keys and values
+            if video.index == len(plan.videos) - 1:
+                self._release()
+            self.handoff.hand_back(latents)
+            if self._records_videos:
+                self.metrics.video_done(device)
+            yield
+
+    def _denoise(self, inputs: DitInputs, description: str) -> torch.Tensor:
+        device, dtype, config = self.session.device, self.dtype, self.plan.config
+
+        def to_dit(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device=device, dtype=dtype)
+
+        predictor = GuidedNoise(
+            self.transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
+            negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
+            guidance_scale=config.guidance_scale, cfg_group=self.cfg_group,
+        )
+        with self.metrics.timed("denoise_s", device):
+            result = denoise(
+                latents=initial_noise(self.plan.latent, self.plan.seed, device), scheduler=self.scheduler,
+                steps=config.steps, predict_noise=predictor, model_dtype=dtype,
+                condition=None if inputs.condition is None else inputs.condition.to(device),
+                show_progress=self.session.rank == self.plan.dims.dit_leader, description=description,
+            )
+        self.metrics.step_seconds.append(result.step_seconds)
+        return result.latents
+
+    def _release(self) -> None:
+        """After the last video: the DiT's memory goes back before rank 0 (maybe this rank) decodes."""
+        self.handle.remove()
+        self.transformer = None
+        self.metrics.release("dit")
+        gc.collect()
+
+
+def run_stages(stages: list[EncoderStage | DitStage]) -> None:
+    """Alternate the stages of this rank, each up to its next yield, until all are done."""
+    running = [stage.run() for stage in stages]
+    while running:
+        for generator in list(running):
+            try:
+                next(generator)
+            except StopIteration:
+                running.remove(generator)
