@@ -25,7 +25,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The repository (for wan_dist) and this folder (for hydra_errors), also when run through runpy.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
 from wan_dist.cpu_affinity import pin_cpu_rank  # noqa: E402
