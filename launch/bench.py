@@ -5,7 +5,8 @@
     python launch/bench.py --nproc 1 2 4 --model t2v_14b -- steps=10
     python launch/bench.py --model t2v_1_3b -- model.path=/models/Wan2.1-T2V-1.3B-Diffusers   # real weights
 
-Each layout runs under its own torchrun; diffusers' WanPipeline runs in one process on the same folder,
+The layouts (presets.LAYOUTS) run as one Hydra multirun on the torchrun launcher (`+layout=...`), each
+under its own torchrun; diffusers' WanPipeline runs in one process on the same folder,
 inputs and sampling settings. Reported side by side: seconds per denoising step (median after the first,
 which warms up), end-to-end seconds, peak memory per rank, speed-up over `single` and parallel efficiency,
 and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
@@ -33,25 +34,10 @@ sys.path.insert(0, str(ROOT))
 from wan_dist.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.sweep import pyplot  # noqa: E402
 
-from wan_dist.perf import gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
-from wan_dist.presets import MODEL_PRESETS  # noqa: E402
+from wan_dist.perf import CEILING_FILE, gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
+from wan_dist.presets import LAYOUTS, MODEL_PRESETS  # noqa: E402
+from wan_dist.sweep import collect_jobs  # noqa: E402
 
-# (name, world size, overrides). A layout runs when its world size is asked for.
-LAYOUTS = [
-    ("single", 1, ["parallel=single"]),
-    ("compiled", 1, ["parallel=single", "compile=true"]),
-    ("cfg", 2, ["parallel=cfg"]),
-    ("ulysses", 2, ["parallel=ulysses"]),
-    ("ring", 2, ["parallel=ring"]),
-    ("stage_split", 2, ["parallel=stage_split"]),
-    ("ulysses3", 3, ["parallel=ulysses"]),
-    ("stage_split_cfg", 3, ["parallel=stage_split"]),
-    ("cfg_ulysses", 4, ["parallel=cfg_usp"]),
-    ("usp", 4, ["parallel=usp"]),
-    ("ulysses4", 4, ["parallel=ulysses"]),
-    ("cfg_ulysses4", 8, ["parallel=cfg_usp"]),
-    ("ulysses8", 8, ["parallel=ulysses"]),
-]
 # Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
 # with random weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
 MODEL_DEFAULTS = {name: list(p.bench_overrides) for name, p in MODEL_PRESETS.items() if p.bench_overrides}
@@ -59,23 +45,40 @@ QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
 
-def run_layout(name: str, nproc: int, overrides: list[str], out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(ROOT / "launch" / "generate.py"), *overrides, f"output.dir={out}", f"hydra.run.dir={out}/hydra"]
-    start = time.perf_counter()
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        return {"name": name, "nproc": nproc, "ok": False, "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
-    report = json.loads((out / "run.json").read_text())
-    t = report["timings"]
-    return {
-        "name": name, "nproc": nproc, "ok": True, "wall_s": wall, "mesh": report["mesh"]["describe"],
-        "dit_ranks": len(report["mesh"]["dit_ranks"]), "videos": len(report["videos"]),
-        "step_s": steady_step_seconds(t["steps_s"]), "denoise_s": t["denoise_s"], "total_s": t["total_s"],
-        "timings": {k: v for k, v in t.items() if k != "steps_s"},
-        "peak_bytes": [m["peak_bytes"] for m in report["memory"]], "peak_kind": report["memory"][0]["peak_kind"],
-    }
+def run_layouts(names: list[str], overrides: list[str], sweep_dir: Path) -> dict[str, dict]:
+    """The layouts (presets.LAYOUTS) as one Hydra multirun on the torchrun launcher: each job its own
+    torchrun world of the layout's size, the machine's parallel ceiling recorded right before each
+    multi-rank CPU job; then each job's run.json read back (wan_dist.sweep finds the jobs)."""
+    cmd = [sys.executable, str(ROOT / "launch" / "generate.py"), "-m", f"+layout={','.join(names)}", *overrides,
+           "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=auto",
+           "hydra.launcher.before_job=wan_dist.perf:record_parallel_ceiling", f"hydra.sweep.dir={sweep_dir}"]
+    subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # a failed job shows as a failed row
+    results = {}
+    for row in collect_jobs(sweep_dir):
+        name = next(o.split("=", 1)[1] for o in row.overrides if o.startswith("+layout="))
+        job_dir = sweep_dir / row.job
+        if not row.ok:
+            log_lines = (job_dir / "job.log").read_text(errors="replace").strip().splitlines() \
+                if (job_dir / "job.log").is_file() else []
+            error = next((line for line in reversed(log_lines) if line.startswith("error:")), None)
+            results[name] = {"name": name, "nproc": LAYOUTS[name].world_size, "ok": False,
+                             "error": error or (log_lines or ["?"])[-1]}
+            continue
+        report = json.loads((job_dir / "run.json").read_text())
+        t = report["timings"]
+        result = {
+            "name": name, "nproc": report["world_size"], "ok": True, "mesh": report["mesh"]["describe"],
+            "dit_ranks": len(report["mesh"]["dit_ranks"]), "videos": len(report["videos"]), "step_s": row.step_s,
+            "denoise_s": t["denoise_s"], "total_s": t["total_s"], "timings": {k: v for k, v in t.items() if k != "steps_s"},
+            "peak_bytes": [m["peak_bytes"] for m in report["memory"]], "peak_kind": report["memory"][0]["peak_kind"],
+        }
+        if (job_dir / CEILING_FILE).is_file():
+            result["ceiling"] = json.loads((job_dir / CEILING_FILE).read_text())["ceiling"]
+        results[name] = result
+    for name in names:  # a job that never started leaves no folder
+        results.setdefault(name, {"name": name, "nproc": LAYOUTS[name].world_size, "ok": False,
+                                  "error": "the job did not start"})
+    return results
 
 
 # ------------------------------------------------------------------------------------- diffusers
@@ -133,49 +136,6 @@ def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
         return {"name": "diffusers", "nproc": 1, "ok": False,
                 "error": (result.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-# One process's single-thread matmul rate over a window that starts at a given wall-clock time, so that
-# processes started together measure the same window.
-_RATE_CODE = """
-import sys, time, torch
-torch.set_num_threads(1)
-a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-torch.mm(a, b)
-start_at, seconds = float(sys.argv[1]), float(sys.argv[2])
-if time.time() > start_at:
-    sys.exit(3)  # started late: the windows would not overlap
-while time.time() < start_at:
-    time.sleep(0.001)
-count, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    torch.mm(a, b)
-    count += 1
-print(count / (time.perf_counter() - t0))
-"""
-
-
-def _matmul_rates(processes: int, seconds: float) -> list[float] | None:
-    """Each process's rate over one shared window; None when one of them started late or failed. The
-    window opens once every process has had time to import torch, longer on a second try."""
-    for delay in (3.0, 8.0):
-        start_at = time.time() + delay
-        procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for _ in range(processes)]
-        outputs = [p.communicate()[0] for p in procs]
-        if all(p.returncode == 0 for p in procs):
-            return [float(out) for out in outputs]
-    return None
-
-
-def parallel_ceiling(processes: int, seconds: float = 2.0) -> float | None:
-    """How many times one single-thread process's matmul rate `processes` of them reach together, now
-    (None if it could not be measured). On a machine of its own this is the rank count; on a shared or
-    virtual one the host's other load and its placement of the virtual cores take their share, and no
-    layout can beat it."""
-    alone, together = _matmul_rates(1, seconds), _matmul_rates(processes, seconds)
-    return None if alone is None or together is None else sum(together) / alone[0]
 
 
 def _peak_subprocess(device: str) -> dict:
@@ -360,40 +320,34 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out / stamp
 
-    runs: list[tuple[str, int, list[str] | None]] = []  # (name, ranks, overrides); None: diffusers
-    if not args.no_diffusers and (args.layouts is None or "diffusers" in args.layouts):
-        runs.append(("diffusers", 1, None))
-    for name, nproc, layout in LAYOUTS:
-        if nproc not in args.nproc or (args.layouts is not None and name not in args.layouts):
-            continue
-        if name == "compiled" and not on_gpu and args.layouts is None:
-            continue  # inductor's CPU code adds minutes of compilation to a CPU bench; ask for it by name
-        runs.append((name, nproc, layout + overrides))
-    if args.queue and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts):
+    names = [name for name, layout in LAYOUTS.items() if layout.world_size in args.nproc
+             and (args.layouts is None or name in args.layouts)
+             # inductor's CPU code adds minutes of compilation to a CPU bench; ask for it by name
+             and not (name == "compiled" and not on_gpu and args.layouts is None)]
+    with_diffusers = not args.no_diffusers and (args.layouts is None or "diffusers" in args.layouts)
+    queue = bool(args.queue) and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts)
+    if queue:
         out.mkdir(parents=True, exist_ok=True)
         prompts = out / "queue_prompts.txt"
         prompts.write_text("\n".join((QUEUE_PROMPTS * args.queue)[: args.queue]) + "\n")
-        for name, nproc, layout in (("queue_single", 1, ["parallel=single"]),
-                                    ("queue_stage_split", 2, ["parallel=stage_split"])):
-            runs.append((name, nproc, layout + overrides + [f"prompts_file={prompts}"]))
 
     # Round after round over all runs, so that a slow spell of a shared machine hits every layout alike;
     # each layout reports its best round (the one least disturbed), every round is kept in bench.json.
-    rounds: dict[str, list[dict]] = {name: [] for name, _, _ in runs}
+    rounds: dict[str, list[dict]] = {}
     for round_index in range(args.repeat):
-        for name, nproc, layout in runs:
-            where = out / f"round{round_index}" / (name if layout is None else f"{nproc}_{name}")
-            # On CPU, the machine's parallel ceiling right before each multi-rank run: the host's share of
-            # the cores changes from minute to minute on a virtual machine.
-            ceiling = parallel_ceiling(nproc) if not on_gpu and layout is not None and nproc > 1 else None
-            result = run_diffusers_subprocess(spec, where) if layout is None else run_layout(name, nproc, layout, where)
-            if ceiling is not None and result["ok"]:
-                result["ceiling"] = ceiling
+        where = out / f"round{round_index}"
+        results = {"diffusers": run_diffusers_subprocess(spec, where / "diffusers")} if with_diffusers else {}
+        if names:
+            results.update(run_layouts(names, overrides, where / "layouts"))
+        if queue:
+            queued = run_layouts(["single", "stage_split"], overrides + [f"prompts_file={prompts}"], where / "queue")
+            results.update({f"queue_{name}": {**r, "name": f"queue_{name}"} for name, r in queued.items()})
+        for name, result in results.items():
             brief = {k: result.get(k) for k in ("name", "nproc", "ok", "step_s", "total_s", "ceiling", "error")
                      if k in result}
             print(json.dumps({"round": round_index, **brief}), flush=True)
-            rounds[name].append(result)
-    results = [_best_round(rounds[name]) for name, _, _ in runs]
+            rounds.setdefault(name, []).append(result)
+    results = [_best_round(rounds[name]) for name in rounds]
 
     if on_gpu:
         device_name = torch.cuda.get_device_name(0)

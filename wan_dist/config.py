@@ -14,7 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from .errors import ConfigError  # noqa: F401  (re-exported: the error every check raises)
-from .presets import MODEL_PRESETS, PARALLEL_PRESETS
+from .presets import LAYOUTS, MODEL_PRESETS, PARALLEL_PRESETS, Sampling
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "gpu")
@@ -67,21 +67,13 @@ class LoraConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Sampling):
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     prompt: str = "A red panda rides a bicycle through a sunlit bamboo forest."
-    negative_prompt: str = ""
     image: str | None = None
     prompts_file: str | None = None
-    height: int = 64
-    width: int = 64
-    num_frames: int = 9
-    frame_rate: int = 16
-    steps: int = 4
-    guidance_scale: float = 5.0
-    flow_shift: float = 3.0
     scheduler: str = "unipc"
     seed: int = 0
     lora: list[LoraConfig] = field(default_factory=list)
@@ -100,10 +92,13 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """The schema, and one `model/<name>` and `parallel/<name>` option per preset of presets.py."""
+    """The schema, and one `model/<name>`, `parallel/<name>` and `layout/<name>` option per entry of
+    presets.py's tables."""
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for preset in MODEL_PRESETS.values():
         store.store(group="model", name=preset.name, node=preset.hydra_node(), package="_global_")
     for name in PARALLEL_PRESETS:
         store.store(group="parallel", name=name, node=ParallelConfig(preset=name))
+    for layout in LAYOUTS.values():
+        store.store(group="layout", name=layout.name, node=layout.hydra_node(), package="_global_")

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model_hooks import ModelHooks
+from .text_encoding import TEXT_MAX_TOKENS
 
 ContextKey = tuple[tuple[int, int] | None, tuple[int, int] | None]
 
@@ -82,7 +83,7 @@ def _context_kv(attn, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor
     image = None
     if attn.add_k_proj is not None:
         # diffusers' processor: the text context is the last 512 tokens, the image context before them.
-        image_length = encoder_hidden_states.shape[1] - 512
+        image_length = encoder_hidden_states.shape[1] - TEXT_MAX_TOKENS
         image = encoder_hidden_states[:, :image_length]
         encoder_hidden_states = encoder_hidden_states[:, image_length:]
     if attn.fused_projections:

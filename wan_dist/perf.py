@@ -8,9 +8,13 @@ modes and with diffusers' pipeline.
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -107,6 +111,61 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, *, size: int
     repeats = max(1, int(seconds / max(timed(1), 1e-6)))
     best = min(timed(repeats) / repeats for _ in range(3))
     return 2 * size**3 / best / 1e12
+
+
+# One process's single-thread matmul rate over a window that starts at a given wall-clock time, so that
+# processes started together measure the same window.
+_RATE_CODE = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+torch.mm(a, b)
+start_at, seconds = float(sys.argv[1]), float(sys.argv[2])
+if time.time() > start_at:
+    sys.exit(3)  # started late: the windows would not overlap
+while time.time() < start_at:
+    time.sleep(0.001)
+count, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    torch.mm(a, b)
+    count += 1
+print(count / (time.perf_counter() - t0))
+"""
+
+
+def _matmul_rates(processes: int, seconds: float) -> list[float] | None:
+    """Each process's rate over one shared window; None when one of them started late or failed. The
+    window opens once every process has had time to import torch, longer on a second try."""
+    for delay in (3.0, 8.0):
+        start_at = time.time() + delay
+        procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                 for _ in range(processes)]
+        outputs = [p.communicate()[0] for p in procs]
+        if all(p.returncode == 0 for p in procs):
+            return [float(out) for out in outputs]
+    return None
+
+
+def parallel_ceiling(processes: int, seconds: float = 2.0) -> float | None:
+    """How many times one single-thread process's matmul rate `processes` of them reach together, now
+    (None if it could not be measured). On a machine of its own this is the rank count; on a shared or
+    virtual one the host's other load and its placement of the virtual cores take their share, and no
+    layout can beat it."""
+    alone, together = _matmul_rates(1, seconds), _matmul_rates(processes, seconds)
+    return None if alone is None or together is None else sum(together) / alone[0]
+
+CEILING_FILE = "ceiling.json"
+
+
+def record_parallel_ceiling(job_dir: Path, nproc: int) -> None:
+    """Before a multi-rank CPU job (the torchrun launcher's `before_job`): the machine's parallel ceiling
+    right then, into the job's folder, where the bench reads it beside the job's run.json."""
+    if nproc < 2 or torch.cuda.is_available():
+        return
+    ceiling = parallel_ceiling(nproc)
+    if ceiling is not None:
+        (Path(job_dir) / CEILING_FILE).write_text(json.dumps({"processes": nproc, "ceiling": ceiling}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- scaling

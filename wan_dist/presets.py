@@ -6,7 +6,7 @@ and the bench all read these tables; nothing else lists a preset.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 # Wan2.1's own negative prompt for its 14B and 1.3B models (the official generate.py's default).
 WAN_NEGATIVE_PROMPT = (
@@ -56,14 +56,11 @@ def _official(task: str, heads: int, layers: int, ffn_dim: int) -> ModelSpec:
     )
 
 
-@dataclass(frozen=True)
-class ModelPreset:
-    """One `model=<name>` choice: where its weights come from and the sampling it is run with."""
+@dataclass
+class Sampling:
+    """The sampling settings a model preset chooses; the run config's own top-level keys (config.RunConfig
+    extends this), so their defaults are the tiny model's."""
 
-    name: str
-    description: str
-    spec: ModelSpec  # its architecture: built with random weights for built presets and random_weights=true
-    repo: str | None = None  # the diffusers-format repository of a real preset (None: built locally)
     height: int = 64
     width: int = 64
     num_frames: int = 9
@@ -72,6 +69,17 @@ class ModelPreset:
     guidance_scale: float = 5.0
     flow_shift: float = 3.0
     negative_prompt: str = ""
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One `model=<name>` choice: where its weights come from and the sampling it is run with."""
+
+    name: str
+    description: str
+    spec: ModelSpec  # its architecture: built with random weights for built presets and random_weights=true
+    repo: str | None = None  # the diffusers-format repository of a real preset (None: built locally)
+    sampling: Sampling = field(default_factory=Sampling)
     # Sizes `launch/bench.py` runs it at (None: not a bench model).
     bench_overrides: tuple[str, ...] | None = None
 
@@ -86,18 +94,14 @@ class ModelPreset:
 
     def hydra_node(self) -> dict:
         """What `model=<name>` sets, at the top level of the run config."""
-        return {
-            "model": {"preset": self.name, "path": None, "text_encoder_device": "cpu"},
-            "height": self.height, "width": self.width, "num_frames": self.num_frames,
-            "frame_rate": self.frame_rate, "steps": self.steps, "guidance_scale": self.guidance_scale,
-            "flow_shift": self.flow_shift, "negative_prompt": self.negative_prompt,
-        }
+        return {"model": {"preset": self.name, "path": None, "text_encoder_device": "cpu"}, **asdict(self.sampling)}
 
 
-def _real(name: str, repo: str, spec: ModelSpec, **sampling) -> ModelPreset:
+def _real(name: str, repo: str, spec: ModelSpec, bench_overrides: tuple[str, ...] | None = None,
+          **sampling) -> ModelPreset:
     return ModelPreset(name=name, description=f"Wan2.1 {name}: pass the local diffusers-format folder of {repo} "
-                       "as model.path", spec=spec, repo=repo, num_frames=81,
-                       negative_prompt=WAN_NEGATIVE_PROMPT, **sampling)
+                       "as model.path", spec=spec, repo=repo, bench_overrides=bench_overrides,
+                       sampling=Sampling(num_frames=81, negative_prompt=WAN_NEGATIVE_PROMPT, **sampling))
 
 
 _MODEL_PRESETS = (
@@ -110,7 +114,7 @@ _MODEL_PRESETS = (
     ModelPreset("bench", "a 512-wide random-weight DiT built locally: compute-bound on one CPU core",
                 ModelSpec(task="t2v", heads=8, head_dim=64, layers=4, ffn_dim=2048, freq_dim=256, text_dim=256,
                           text_layers=1),
-                height=192, width=320, num_frames=17, bench_overrides=("steps=4",)),
+                sampling=Sampling(height=192, width=320, num_frames=17), bench_overrides=("steps=4",)),
     _real("t2v_1_3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", _official("t2v", heads=12, layers=30, ffn_dim=8960),
           height=480, width=832, steps=50, bench_overrides=("height=480", "width=832", "num_frames=81", "steps=10")),
     _real("t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", _official("t2v", heads=40, layers=40, ffn_dim=13824),
@@ -152,3 +156,44 @@ _PARALLEL_PRESETS = (
     ParallelPreset("cfg_usp", cfg=2, both_sequence_axes=True, doc="cfg x Ulysses x Ring"),
 )
 PARALLEL_PRESETS: dict[str, ParallelPreset] = {preset.name: preset for preset in _PARALLEL_PRESETS}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A named layout with every degree pinned, so its world size is known before it starts: what
+    `+layout=<name>` sets (a sweep over layouts: `-m +layout=single,cfg,ulysses3`; `make bench`)."""
+
+    name: str
+    parallel: str
+    cfg: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    stage_split: bool = False
+    compile: bool = False
+
+    @property
+    def world_size(self) -> int:
+        return self.cfg * self.ulysses * self.ring + int(self.stage_split)
+
+    def hydra_node(self) -> dict:
+        return {"parallel": {"preset": self.parallel, "cfg_degree": self.cfg, "ulysses_degree": self.ulysses,
+                             "ring_degree": self.ring, "stage_split": self.stage_split},
+                "compile": self.compile}
+
+
+_LAYOUTS = (
+    Layout("single", "single"),
+    Layout("compiled", "single", compile=True),
+    Layout("cfg", "cfg", cfg=2),
+    Layout("ulysses", "ulysses", ulysses=2),
+    Layout("ring", "ring", ring=2),
+    Layout("stage_split", "stage_split", stage_split=True),
+    Layout("ulysses3", "ulysses", ulysses=3),
+    Layout("stage_split_cfg", "stage_split", cfg=2, stage_split=True),
+    Layout("cfg_ulysses", "cfg_usp", cfg=2, ulysses=2),
+    Layout("usp", "usp", ulysses=2, ring=2),
+    Layout("ulysses4", "ulysses", ulysses=4),
+    Layout("cfg_ulysses4", "cfg_usp", cfg=2, ulysses=4),
+    Layout("ulysses8", "ulysses", ulysses=8),
+)
+LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in _LAYOUTS}

@@ -8,6 +8,7 @@ subdir>`, one after the other, with N from the job's parallel degrees (or fixed 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import subprocess
@@ -30,10 +31,12 @@ class JobFailed(RuntimeError):
 
 class TorchrunLauncher(Launcher):
     def __init__(self, nproc_per_node: int | str = "auto", default_nproc: int = 2,
-                 share_embedding_cache: bool = True) -> None:
+                 share_embedding_cache: bool = True, before_job: str | None = None) -> None:
         """`nproc_per_node`: ranks for every job, or `auto`: the world size the job's parallel degrees pin
         down (`parallel=single`: 1, `parallel=cfg`: 2), else `default_nproc`.
-        `share_embedding_cache`: jobs that set no `embedding_cache` share one in the sweep dir."""
+        `share_embedding_cache`: jobs that set no `embedding_cache` share one in the sweep dir.
+        `before_job`: `module:function` called as function(job_dir, nproc) right before each job starts
+        (the bench measures the machine's parallel ceiling there)."""
         if not (nproc_per_node == "auto" or (isinstance(nproc_per_node, int) and nproc_per_node > 0)):
             raise ValueError(f"hydra.launcher.nproc_per_node={nproc_per_node!r} is not allowed: auto or a "
                              "positive integer")
@@ -42,6 +45,7 @@ class TorchrunLauncher(Launcher):
         self.nproc_per_node = nproc_per_node
         self.default_nproc = default_nproc
         self.share_embedding_cache = share_embedding_cache
+        self.before_job = _import_callable(before_job) if before_job else None
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -96,6 +100,8 @@ class TorchrunLauncher(Launcher):
                os.path.abspath(sys.argv[0]), f"--config-name={sweep_config.hydra.job.config_name}",
                *_config_search_args(sweep_config), *args, f"hydra.run.dir={job_dir.resolve()}"]
         log.info("\t#%d : %s (%d rank%s)", idx, " ".join(filter_overrides(overrides)), nproc, "s"[: nproc != 1])
+        if self.before_job is not None:
+            self.before_job(job_dir, nproc)
         returncode = _tee(cmd, job_dir / "job.log")
 
         ret = JobReturn(overrides=overrides, hydra_cfg=sweep_config, working_dir=os.getcwd(),
@@ -118,6 +124,15 @@ class TorchrunLauncher(Launcher):
         parallel = OmegaConf.to_object(sweep_config.parallel)
         assert isinstance(parallel, ParallelConfig)
         return pinned_world_size(parallel) or self.default_nproc
+
+
+def _import_callable(spec: str):
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"hydra.launcher.before_job={spec!r} is not allowed: a module:function that can be "
+                         f"imported ({error})") from None
 
 
 def _config_search_args(sweep_config: DictConfig) -> list[str]:
