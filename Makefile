@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # One thread per rank unless asked otherwise: ranks share the cores (and torchrun warns when unset).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test test-gpu bench sweep clean
+.PHONY: install run test test-gpu bench sweep clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -39,5 +39,25 @@ bench: $(STAMP)
 sweep: $(STAMP)
 	$(PY) launch/generate.py -m +experiment=layouts $(ARGS)
 
+# What a GPU machine with torch but none of our other dependencies needs (Python 3.12, manylinux x86_64),
+# one version each, into .whl/ (ignored by git; under 64 MiB in all). imageio-ffmpeg 0.5.1: its bundled
+# ffmpeg makes a 27 MB wheel, 0.8.1's a 68 MB one. antlr4-python3-runtime 4.9.3 is published as a source
+# archive only: built here into a pure-Python wheel.
+GPU_WHEELS := diffusers==0.42.1 xfuser==0.7.0 yunchang==0.6.4 hydra-core==1.3.8 omegaconf==2.3.1 \
+	imageio==2.38.1 imageio-ffmpeg==0.5.1 ftfy==6.3.1 wcwidth==0.2.13 importlib-metadata==8.7.0
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux2010_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	du -sh .whl
+
+# On the GPU machine (its own python3 with CUDA torch), the wheels carried along in .whl/; the summary
+# goes to $OUT (or gpu_check_out/).
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) launch/gpu_check.py --wheels .whl $(if $(OUT),--out $(OUT))
+
 clean:
-	rm -rf outputs multirun bench_results .pytest_cache
+	rm -rf outputs multirun bench_results .pytest_cache gpu_check_out

@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _diffusers_attention_backend():
+    """diffusers' `set_attention_backend` also sets a process-wide active backend, which
+    `reset_attention_backend` leaves as it is: restored after each test, so that no test runs on the
+    kernel an earlier one chose."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    saved = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry.set_active_backend(saved)
+
+
 @pytest.fixture(scope="session")
 def t2v_folder(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_t2v"), ModelSpec(task="t2v"))

@@ -6,9 +6,11 @@ DiT rank; with one it holds nothing else and the DiT ranks are 1..world-1.
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from .config import ParallelConfig
@@ -63,11 +65,31 @@ class ParallelDims:
             parts.append("stage_split(rank 0: encoders+VAE)")
         return " x ".join(parts[:3]) + (" + " + parts[3] if self.stage_split else "")
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
+    def build_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
         """The DiT ranks' mesh. Every rank must call this (group creation is collective); rank 0 of a
-        stage split gets a mesh it is not part of and must not use."""
+        stage split gets a mesh it is not part of and must not use. With `timeout_s`, every axis group
+        has that collective timeout; without, the backend's default (gloo 30 min, nccl 10 min)."""
         ranks = torch.tensor(self.dit_ranks).view(self.cfg, self.ring, self.ulysses)
-        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES)
+        override = None
+        if timeout_s is not None:
+            # DeviceMesh passes an axis' backend options' timeout to the group it creates (new_group or
+            # split_group): (backend, options) per axis, the backend the default group's; one options
+            # object per axis, since group creation writes into it.
+            override = tuple((None, group_options(timeout_s)) for _ in MESH_AXES)
+        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES, backend_override=override)
+
+
+def group_options(timeout_s: float) -> "torch._C._distributed_c10d.Backend.Options":
+    """Backend options of the default group's backend with this collective timeout (what DeviceMesh's
+    `backend_override` takes); nccl needs its own options class, gloo takes the generic one."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    backend = dist.get_backend()
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options.is_high_priority_stream = False  # what new_group gives an nccl group without options
+        options._timeout = timeout
+        return options
+    return dist.ProcessGroupGloo.Options(backend, timeout)
 
 
 def _divisors(n: int) -> list[int]:

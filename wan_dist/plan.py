@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .attention import resolve_kernel
+from .attention import choose_kernel, device_capability, installed_kernel_libraries
 from .building import model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import RunConfig
@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .loading import component_weight_bytes, read_component_config, resolve_dtype
 from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, latent_shape
+from .text_encoding import cpu_encoder_dtype, cpu_flags
 from .video import output_names, write_json
 
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
@@ -181,12 +182,15 @@ def build_plan(
     check_sequence_length(dims, num_tokens)
 
     encoder_device = device if run.model.text_encoder_device == "gpu" else torch.device("cpu")
-    encoder_dtype = resolve_dtype(run.model.text_encoder_dtype, encoder_device, gpu_default=torch.bfloat16)
+    # A CPU encoder beside a GPU DiT runs in bf16 where the CPU has native bf16 (text_encoding.py).
+    encoder_dtype = (cpu_encoder_dtype(run.model.text_encoder_dtype, dit_on_gpu=device.type == "cuda",
+                                       flags=cpu_flags()) if encoder_device.type == "cpu" else None) \
+        or resolve_dtype(run.model.text_encoder_dtype, encoder_device, gpu_default=torch.bfloat16)
+    dit_dtype = resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16)
     wanted = {
         "text_encoder": (encoder_dtype, encoder_device, (0,)),
         "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device, (0,)),
-        "dit": (resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16), device,
-                tuple(dims.dit_ranks)),
+        "dit": (dit_dtype, device, tuple(dims.dit_ranks)),
     }
     if facts.task == "i2v":
         wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
@@ -195,7 +199,11 @@ def build_plan(
                             weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype))
         for name, (dtype, where, ranks) in wanted.items()
     }
-    kernel = resolve_kernel(run.attention, device)
+    # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
+    # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
+    # in its masked kernel (attention.py).
+    kernel = choose_kernel(run.attention, capability=device_capability(device), dtype=dit_dtype,
+                           head_dim=int(dit_config["attention_head_dim"]), installed=installed_kernel_libraries())
     prompts = read_prompts(run)
     queued = run.prompts_file is not None
     videos = []

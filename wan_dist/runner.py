@@ -30,7 +30,7 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     start = time.perf_counter()
     rank, device = session.rank, session.device
     # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them.
-    mesh = plan.dims.build_mesh(device.type)
+    mesh = plan.dims.build_mesh(device.type, session.timeout_s)
     handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
                       timeout_s=session.timeout_s)
     metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))

@@ -207,11 +207,23 @@ def _signals_deferred() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# How nccl reports a failed or timed-out collective. torchrun sets 1 for its workers (the watchdog aborts
+# the communicators and kills the process, so no Python handler runs and nobody says which rank was lost);
+# 2 aborts the communicators too, which releases a main thread blocked in a CUDA sync on a collective
+# that cannot finish, and then raises in the main thread, where the heartbeat names the lost rank.
+# Blocking wait (TORCH_NCCL_BLOCKING_WAIT) would do the same but makes every collective wait on the
+# host, which the step loop avoids.
+NCCL_ERROR_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+
+
 def init_process_group(
     env: RankEnv, device: torch.device, timeout_s: float, store_prefix: str = ""
 ) -> dist.Store | None:
     """Start the process group; returns the rendezvous store (None for a world of one)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        # Read when each nccl group is constructed; set over torchrun's value on purpose.
+        os.environ.update(NCCL_ERROR_ENV)
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1 and env.launcher == "python":
         # A world of one still gets a real group, so every code path is the same as with N ranks.
@@ -229,6 +241,13 @@ def init_process_group(
         device_id=device if device.type == "cuda" else None,
     )
     return store
+
+
+def new_group_with_timeout(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
+    """`dist.new_group` with the collective timeout (a new group otherwise takes the backend's default,
+    not the default group's: gloo 30 min, nccl 10 min). Collective: every rank calls it."""
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    return dist.new_group(ranks, timeout=timeout)
 
 
 def _abandon_process_group() -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from .parallel_dims import ParallelDims
+from .session import new_group_with_timeout
 
 _HEADER_LEN = 64
 _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
@@ -117,8 +118,8 @@ class Handoff:
                  timeout_s: float | None = None) -> None:
         self.rank, self.dims, self.device = rank, dims, device
         ranks = list(range(world_size))
-        self._inputs_group = _new_group(ranks, timeout_s)
-        self._latents_group = _new_group(ranks, timeout_s)
+        self._inputs_group = new_group_with_timeout(ranks, timeout_s)
+        self._latents_group = new_group_with_timeout(ranks, timeout_s)
         self._remote_dit_ranks = [r for r in dims.dit_ranks if r != 0]
         self._local_inputs: deque[DitInputs] = deque()
         self._local_outputs: deque[DitOutputs] = deque()
@@ -164,9 +165,3 @@ class Handoff:
         while self._pending:
             self._pending.popleft().wait()
 
-
-def _new_group(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
-    import datetime
-
-    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-    return dist.new_group(ranks, timeout=timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .plan import JobPlan
 from .session import Session
 from .stage_split import DitInputs, Handoff
 from .text_encoding import (
-    BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds,
+    BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds, encoder_thread_count,
 )
 from .video import write_frames, write_video
 
@@ -51,6 +52,7 @@ class EncoderStage:
         config, folder = plan.config, plan.folder
         allow_pickle = config.model.allow_pickle
         self.videos: list[dict] = []
+        self._encode_s: dict[int, float] = {}  # per video: its prompts' encoding seconds
         with metrics.timed("load_s"):
             self.vae = load_vae(folder, plan.components["vae"].dtype, session.device, allow_pickle=allow_pickle)
         metrics.hold("vae", parameter_bytes(self.vae))
@@ -64,8 +66,12 @@ class EncoderStage:
             metrics.hold("text_encoder", parameter_bytes(model))
             return model
 
+        # Beside a GPU DiT the CPU encoder gets the node's cores while it encodes (torchrun gives each rank
+        # one thread); on a CPU-only run the ranks keep the cores they were given.
+        threads = encoder_thread_count(len(os.sched_getaffinity(0)), session.env.local_world_size) \
+            if session.device.type == "cuda" and text_device.type == "cpu" else None
         encoder = TextEncoder(load_tokenizer(folder), load_model=load_model, dtype=text.dtype,
-                              cache_dir=config.embedding_cache,
+                              cache_dir=config.embedding_cache, threads=threads,
                               cache_key=_weights_fingerprint(folder / text.subfolder))
         self._jobs = [PromptJob(v.index, v.prompt, plan.negative_prompt) for v in plan.videos]
         texts = {t for job in self._jobs for t in (job.prompt, job.negative_prompt) if t is not None}
@@ -111,6 +117,7 @@ class EncoderStage:
         while self.handoff.handed_over <= min(index, len(self.plan.videos) - 1):
             job, tensors, seconds = next(self._results)
             self.metrics.timings["encode_s"] = self.metrics.timings.get("encode_s", 0.0) + seconds
+            self._encode_s[job.index] = seconds
             self.handoff.hand_over(DitInputs(
                 prompt_embeds=tensors["prompt_embeds"],
                 negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
@@ -136,7 +143,8 @@ class EncoderStage:
                 if video.frames:
                     write_frames(frames, plan.out_dir / video.frames, overwrite=config.output.overwrite)
             self.videos.append({"index": video.index, "prompt": video.prompt, "video": video.video,
-                                "frames": video.frames, "shape": list(frames.shape)})
+                                "frames": video.frames, "shape": list(frames.shape),
+                                "encode_s": self._encode_s.get(video.index)})
             log.info("wrote %s", plan.out_dir / video.video)
             self.metrics.video_done(device)
 

@@ -4,6 +4,7 @@ embeddings can be cached on disk by (model, prompt)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
@@ -26,6 +27,58 @@ log = logging.getLogger(__name__)
 TEXT_MAX_TOKENS = 512
 
 
+# CPU features with which oneDNN runs bf16 matmuls natively (x86: AVX512-BF16, AMX; Arm: the BF16
+# extension); without them torch converts bf16 to fp32 around each matmul, slower than fp32 itself.
+_FAST_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as the kernel lists them (x86 `flags`, Arm `Features`); empty if unknown."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_encoder_dtype(setting: str, *, dit_on_gpu: bool, flags: frozenset[str]) -> torch.dtype | None:
+    """The text encoder's dtype on the CPU for `model.text_encoder_dtype=auto`, or None to keep the
+    default resolution (fp32 on CPU). bf16 where the DiT runs on a GPU (in bf16 there anyway; Wan's own
+    code runs UMT5 in bf16) and the CPU has native bf16 matmuls: half the weight bytes per token, on the
+    bf16 units. Where everything runs on the CPU, fp32 stays: that run is the one compared with
+    diffusers' fp32 pipeline to 1e-4. Without native bf16 it would only be slower."""
+    if setting != "auto" or not dit_on_gpu or not flags & _FAST_BF16_FLAGS:
+        return None
+    return torch.bfloat16
+
+
+def encoder_thread_count(cpus: int, ranks_on_node: int) -> int:
+    """Threads for the encoding rank's text encoder while the DiT runs on GPUs: the cores it may use, less
+    one for each rank's main thread on the node (they launch GPU work and drive the collectives)."""
+    return max(1, cpus - ranks_on_node)
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads for work started from the calling thread while inside; None changes
+    nothing. torchrun sets OMP_NUM_THREADS=1 for every rank, right for ranks sharing a CPU node, but
+    the encoding rank on a GPU node has the cores to itself while it encodes. OpenMP keeps the count
+    per thread, so the rank's other threads keep theirs."""
+    if count is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @dataclass
 class PromptJob:
     index: int
@@ -40,9 +93,11 @@ class TextEncoder:
     def __init__(
         self, tokenizer, model=None, *, load_model: Callable[[], Any] | None = None,
         dtype: torch.dtype | None = None, cache_dir: str | None = None, cache_key: str = "",
+        threads: int | None = None,
     ) -> None:
         """`model`, or `load_model` to load it on the first prompt the disk cache does not hold: with a
-        warm cache the 11 GB UMT5 is never read."""
+        warm cache the 11 GB UMT5 is never read. `threads`: torch's threads while a CPU model encodes
+        (`cpu_threads`); None keeps the caller's."""
         if model is None and load_model is None:
             raise ValueError("TextEncoder needs a model or a way to load one")
         self.tokenizer = tokenizer
@@ -51,6 +106,7 @@ class TextEncoder:
         self.dtype = dtype or model.dtype
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache_key = cache_key
+        self.threads = threads
 
     def _cache_path(self, prompt: str) -> Path | None:
         if self.cache_dir is None:
@@ -79,7 +135,8 @@ class TextEncoder:
         )
         device = next(self.model.parameters()).device
         mask = inputs.attention_mask
-        hidden = self.model(inputs.input_ids.to(device), mask.to(device)).last_hidden_state.cpu()
+        with cpu_threads(self.threads if device.type == "cpu" else None):
+            hidden = self.model(inputs.input_ids.to(device), mask.to(device)).last_hidden_state.cpu()
         length = int(mask.gt(0).sum())
         embeds = torch.zeros_like(hidden)
         embeds[:, :length] = hidden[:, :length]

@@ -211,3 +211,65 @@ def test_background_encoder_with_real_encoder(components):
     for job, tensors, _ in got:
         torch.testing.assert_close(tensors["prompt_embeds"], encoder.encode(job.prompt), rtol=0, atol=0)
         torch.testing.assert_close(tensors["negative_prompt_embeds"], encoder.encode("blurry"), rtol=0, atol=0)
+
+
+def test_cpu_flags_and_the_encoder_dtype(tmp_path):
+    from wan_dist.text_encoding import cpu_encoder_dtype, cpu_flags
+
+    x86 = tmp_path / "cpuinfo"
+    x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert {"avx512f", "amx_bf16"} <= cpu_flags(str(x86))
+    arm = tmp_path / "cpuinfo_arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")
+    assert "bf16" in cpu_flags(str(arm))
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+    fast, slow = frozenset({"amx_bf16"}), frozenset({"avx2"})
+    assert cpu_encoder_dtype("auto", dit_on_gpu=True, flags=fast) is torch.bfloat16
+    assert cpu_encoder_dtype("auto", dit_on_gpu=True, flags=slow) is None
+    assert cpu_encoder_dtype("auto", dit_on_gpu=False, flags=fast) is None  # the fp32 reference run
+    assert cpu_encoder_dtype("fp32", dit_on_gpu=True, flags=fast) is None
+
+
+def test_encoder_thread_count():
+    from wan_dist.text_encoding import encoder_thread_count
+
+    assert encoder_thread_count(16, 1) == 15
+    assert encoder_thread_count(64, 8) == 56
+    assert encoder_thread_count(4, 8) == 1
+
+
+class _ThreadProbe(torch.nn.Module):
+    """A text encoder stand-in that records torch's thread count while it runs."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(dim))
+        self.seen: list[int] = []
+
+    def forward(self, input_ids, mask):
+        from types import SimpleNamespace
+
+        self.seen.append(torch.get_num_threads())
+        return SimpleNamespace(last_hidden_state=self.weight.expand(*input_ids.shape, -1).clone())
+
+
+def test_encoding_runs_on_its_threads_and_gives_them_back(components):
+    tokenizer, _ = components
+    before = torch.get_num_threads()
+    wanted = before + 2
+    probe = _ThreadProbe(8)
+    encoder = TextEncoder(tokenizer, probe, dtype=torch.float32, threads=wanted)
+    in_thread = []
+
+    def encode_in_a_thread():
+        start = torch.get_num_threads()
+        encoder.encode("a lighthouse")
+        in_thread.append((start, torch.get_num_threads()))
+
+    thread = threading.Thread(target=encode_in_a_thread)
+    thread.start()
+    thread.join()
+    assert probe.seen == [wanted]
+    assert in_thread[0][1] == in_thread[0][0] != wanted
+    assert torch.get_num_threads() == before

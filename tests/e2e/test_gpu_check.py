@@ -1,0 +1,33 @@
+"""launch/gpu_check.py in its CPU mode: what a lent GPU runs, kept working where no GPU is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_runs_on_cpu(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WAN_DIST_CACHE": str(tmp_path / "cache"), "CUDA_VISIBLE_DEVICES": ""}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "launch/gpu_check.py", "--out", str(tmp_path / "out")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    assert summary["device"] == "cpu"
+    merges = {(row["kernel"], row["dtype"]): row for row in summary["lse_merge"]}
+    assert set(merges) == {("cpu_flash", "float32"), ("cpu_flash", "bfloat16"), ("masked", "float32"),
+                           ("masked", "bfloat16")}
+    for (_, dtype), row in merges.items():
+        assert row["ok"], row
+        assert row["max_abs_err"] <= (1e-5 if dtype == "float32" else 2e-2), row
+    (failing,) = summary["torchrun"]
+    assert failing["ok"] and failing["exit"] == 1, failing
+    assert "torchrun failing: ok" in result.stdout
+    assert seconds < 60, f"the CPU mode took {seconds:.0f} s"
