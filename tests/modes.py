@@ -40,6 +40,8 @@ class Case:
     embedding_cache: str | None = None
     attention: str = "auto"
     compile: bool = False
+    fsdp: bool = False
+    vae_tiling: bool = False
 
     def run_config(self, out_dir: Path) -> RunConfig:
         run = RunConfig()
@@ -57,13 +59,16 @@ class Case:
         run.output.save_frames = True
         run.parallel.cfg_degree, run.parallel.ring_degree = self.cfg, self.ring
         run.parallel.ulysses_degree, run.parallel.stage_split = self.ulysses, self.stage_split
+        run.parallel.fsdp = "true" if self.fsdp else "false"
+        run.model.vae_tiling = self.vae_tiling
         validate_run(run)
         return run
 
     def reference_kwargs(self) -> dict:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
                     height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
-                    guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora)
+                    guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora,
+                    vae_tiling=self.vae_tiling)
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> list[dict | None]:

@@ -15,7 +15,7 @@ TOLERANCE = 1e-4
 def reference_frames(
     folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None, height: int = 48,
     width: int = 80, num_frames: int = 9, steps: int = 3, guidance_scale: float = 5.0, flow_shift: float = 3.0,
-    seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (),
+    seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (), vae_tiling: bool = False,
 ) -> np.ndarray:
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
     from diffusers import WanPipeline
@@ -33,6 +33,8 @@ def reference_frames(
             names.append(f"ref_{i}")
         pipe.set_adapters(names, [scale for _, scale in lora])
     pipe.set_progress_bar_config(disable=True)
+    if vae_tiling:
+        pipe.vae.enable_tiling()
     kwargs = dict(
         prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, TASKS, RunConfig
+from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, SWITCHES, TASKS, RunConfig
 from .errors import ConfigError, fail
 from .loading import PICKLE_SUFFIXES, read_lora_state_dict, read_safetensors_header
 from .parallel_dims import check_degrees
@@ -198,6 +198,8 @@ def validate_run(run: RunConfig) -> RunFacts:
     # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
     # refused before the process group starts.
     check_degrees(p, guidance_scale=run.guidance_scale)
+    if str(p.fsdp).lower() not in SWITCHES:
+        fail("parallel.fsdp", p.fsdp, f"one of {', '.join(SWITCHES)}")
     if p.timeout_s <= 0:
         fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
 

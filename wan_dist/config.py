@@ -19,6 +19,7 @@ from .presets import LAYOUTS, MODEL_PRESETS, PARALLEL_PRESETS, Sampling
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "gpu")
 SCHEDULERS = ("unipc", "euler")
+SWITCHES = ("auto", "true", "false")
 TASKS = ("t2v", "i2v")
 ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
 
@@ -32,6 +33,8 @@ class ModelConfig:
     task: str | None = None
     dit_dtype: str = "auto"
     vae_dtype: str = "fp32"
+    # Tiled VAE decode (and I2V encode), diffusers' enable_tiling: bounded memory at 720p and above.
+    vae_tiling: bool = False
     text_encoder_dtype: str = "auto"
     text_encoder_device: str = "cpu"
     # Pickle checkpoints (.bin/.pt) can run code when read; only safetensors are read unless this is set,
@@ -49,6 +52,9 @@ class ParallelConfig:
     ring_degree: int | None = None
     stage_split: bool | None = None
     timeout_s: float = 1800.0
+    # The DiT's weights sharded over all DiT ranks with FSDP2: auto (when a replica does not fit the
+    # device; never on CPU), true or false.
+    fsdp: str = "auto"
     # CPU runs under torchrun: each rank on an equal share of the node's cores when ranks x threads fit.
     pin_cpus: bool = True
 

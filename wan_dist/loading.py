@@ -121,7 +121,77 @@ def apply_loras(transformer, loras: list[LoraConfig]) -> None:
 
 
 def parameter_bytes(*modules) -> int:
-    return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+    """The parameter bytes this process holds: of a sharded (DTensor) parameter, its local shard."""
+    return sum(_local(p).numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def shard_rows(rows: int, rank: int, ranks: int) -> tuple[int, int]:
+    """The rows [start, end) of a dim of `rows` that FSDP2 gives `rank` of `ranks`: torch.chunk's split,
+    ceil(rows / ranks) each, the last ranks with fewer or none."""
+    size = -(-rows // ranks)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def load_transformer_sharded(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
+                             *, shard_rank: int, shard_count: int) -> None:
+    """Fill a DiT that was built on the meta device and sharded with FSDP2 (dim 0 of every parameter over
+    `shard_count` ranks): each parameter's local shard is read straight from its rows of the safetensors
+    files, a memory-mapped slice at a time, so no rank ever holds more than its shard and one slice.
+    Buffers the checkpoint does not hold (the rotary tables) are computed by their module's constructor."""
+    from safetensors import safe_open
+
+    keep = _keeps_fp32("transformer", dtype)
+    model.to_empty(device=device)
+    params = dict(model.named_parameters())
+    filled = set()
+    with torch.no_grad():
+        for path in sorted((Path(folder) / "transformer").glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                for name in handle.keys():
+                    local = _local(params[name])
+                    start, end = shard_rows(params[name].shape[0], shard_rank, shard_count)
+                    if end > start:
+                        target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+                        local.copy_(handle.get_slice(name)[start:end].to(target))
+                    filled.add(name)
+        missing = sorted(set(params) - filled)
+        if missing:
+            raise ValueError(f"{folder}/transformer holds no weights for {', '.join(missing[:3])}")
+        _rebuild_rotary_tables(model, device)
+    model.eval()
+
+
+def _rebuild_rotary_tables(model: torch.nn.Module, device: torch.device) -> None:
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    config = model.config
+    with torch.device(device):
+        fresh = WanRotaryPosEmbed(config.attention_head_dim, config.patch_size, config.rope_max_seq_len)
+    for name, buffer in fresh.named_buffers():
+        model.rope.get_buffer(name).copy_(buffer)
+
+
+def build_transformer_on_meta(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The folder's DiT architecture on the meta device (no memory), in `dtype` with the parameters the
+    class keeps in fp32 kept so, as from_pretrained would load them."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config(read_component_config(folder, "transformer"))
+    keep = _keeps_fp32("transformer", dtype)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            for kind in (module._parameters, module._buffers):
+                for name, tensor in kind.items():
+                    if tensor is not None and tensor.is_floating_point():
+                        full = f"{module_name}.{name}".split(".")
+                        tensor.data = tensor.data.to(torch.float32 if any(k in full for k in keep) else dtype)
+    return model
 
 
 # The classes each weight component is read with, and the parameters each keeps in fp32 whatever dtype it
@@ -170,10 +240,12 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     return header
 
 
-def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtype) -> int:
+def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtype,
+                           shard: tuple[int, int] | None = None) -> int:
     """The bytes a component's parameters take once loaded in `dtype`, from its safetensors headers alone
     (no tensor is read): floating tensors in `dtype` unless the model class keeps them in fp32, the others
-    as stored. Pickle-only components are sized from their files."""
+    as stored; with `shard=(rank, ranks)`, only the rows FSDP2 gives that rank. Pickle-only components are
+    sized from their files."""
     keep = _keeps_fp32(component, dtype)
     files = sorted((Path(folder) / component).glob("*.safetensors"))
     if not files:
@@ -182,7 +254,11 @@ def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtyp
     total = 0
     for path in files:
         for name, info in read_safetensors_header(path).items():
-            numel = math.prod(info["shape"])
+            shape = list(info["shape"])
+            if shard is not None and shape:
+                start, end = shard_rows(shape[0], *shard)
+                shape[0] = end - start
+            numel = math.prod(shape)
             if info["dtype"].startswith(("F", "BF")):
                 element = 4 if any(k in name.split(".") for k in keep) else dtype.itemsize
             else:

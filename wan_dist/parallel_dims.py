@@ -78,6 +78,14 @@ class ParallelDims:
             override = tuple((None, group_options(timeout_s)) for _ in MESH_AXES)
         return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES, backend_override=override)
 
+    def build_shard_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
+        """All DiT ranks on one axis, the one FSDP2 shards the DiT's weights over (whatever the layout:
+        the cfg and sequence ranks run the same blocks in the same order, so their all-gathers match).
+        Collective, like build_mesh."""
+        override = None if timeout_s is None else ((None, group_options(timeout_s)),)
+        return DeviceMesh(device_type, torch.tensor(self.dit_ranks), mesh_dim_names=("shard",),
+                          backend_override=override)
+
 
 def group_options(timeout_s: float) -> "torch._C._distributed_c10d.Backend.Options":
     """Backend options of the default group's backend with this collective timeout (what DeviceMesh's

@@ -2,8 +2,10 @@
 
 Order: the attention kernel (diffusers' backend for every attention that does not go through USP), the
 context cache (cross-attention keys and values once per prompt), the sequence split (hooks from the
-declarative plan and the USP self-attention processor), then compilation, which traces the hooks and
-processors installed before it.
+declarative plan and the USP self-attention processor), FSDP2 (each block and the root sharded over the
+DiT ranks, the next block's all-gather prefetched), then compilation, which traces the hooks and
+processors installed before it. With FSDP the model is parallelized on the meta device and its shards
+filled afterwards (loading.load_transformer_sharded), so no rank ever holds a replica.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from .attention import DIFFUSERS_BACKENDS
 from .context_cache import ContextCache, cache_context_kv
@@ -57,6 +60,21 @@ def _set_backend(transformer: torch.nn.Module, kernel: str, handle: DitHandle) -
     transformer.set_attention_backend(DIFFUSERS_BACKENDS[kernel])
 
 
+def _shard(transformer: torch.nn.Module, mesh: DeviceMesh) -> None:
+    """Each block a unit of its own (its weights gathered just before it runs and freed right after),
+    the rest (embeddings, output projection) the root's; while a block runs, the next one's all-gather is
+    already under way. Sharding cannot be taken off again: the handle leaves it in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = list(transformer.blocks)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    # The root too frees its gathered weights after each forward: they are needed again only next step.
+    fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+
+
 def parallelize_dit(
     transformer: torch.nn.Module,
     *,
@@ -65,11 +83,13 @@ def parallelize_dit(
     ulysses_group: dist.ProcessGroup,
     ring_group: dist.ProcessGroup,
     context_cache: bool = True,
+    shard_mesh: DeviceMesh | None = None,
     compile_blocks: bool = False,
 ) -> DitHandle:
     """Apply, in order, the kernels (`kernels`: the plan's kernel per attention use), the context cache
     (not with compilation, whose traced blocks would bypass it), the sequence split over the ulysses x
-    ring groups (nothing when both have one rank) and per-block compilation."""
+    ring groups (nothing when both have one rank), FSDP2 over `shard_mesh` (None: no sharding) and
+    per-block compilation."""
     handle = DitHandle()
     if kernels["cross_attention"] != "sdpa":
         _set_backend(transformer, kernels["cross_attention"], handle)
@@ -79,6 +99,8 @@ def parallelize_dit(
         handle.context_cache = cache_handle.cache
     handle.parts.append(parallelize_sequence(transformer, ulysses_group=ulysses_group, ring_group=ring_group,
                                              device=device, kernel=kernels["sequence_parallel"]))
+    if shard_mesh is not None:
+        _shard(transformer, shard_mesh)
     if compile_blocks:
         for block in transformer.blocks:
             block.compile()

@@ -22,8 +22,8 @@ import torch
 from .attention import choose_kernel, device_capability, installed_kernel_libraries
 from .building import model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
-from .config import RunConfig
-from .errors import ConfigError
+from .config import SWITCHES, RunConfig
+from .errors import ConfigError, fail
 from .loading import component_weight_bytes, read_component_config, resolve_dtype
 from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, latent_shape
@@ -85,6 +85,7 @@ class JobPlan:
     dims: ParallelDims
     components: dict[str, ComponentPlan]
     kernels: dict[str, str]  # attention use -> kernel name
+    fsdp: bool  # the DiT's weights sharded over the DiT ranks (FSDP2)
     latent: LatentShape
     num_tokens: int
     negative_prompt: str | None  # None without guidance: there is no unconditional branch
@@ -127,7 +128,7 @@ class JobPlan:
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
                                   "ranks": list(c.ranks), "weight_bytes": c.weight_bytes}
                            for name, c in self.components.items()},
-            "kernels": dict(self.kernels),
+            "kernels": dict(self.kernels), "fsdp": self.fsdp,
             "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
             "seed": self.seed, "out_dir": str(self.out_dir),
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
@@ -142,7 +143,8 @@ class JobPlan:
         lines = [f"{self.family} {self.task}, {self.folder}",
                  f"{self.world_size} rank(s) on {self.device_type}: {self.dims.describe()}; "
                  f"latents {tuple(self.latent.shape)} = {self.num_tokens} DiT tokens; "
-                 f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}",
+                 f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}"
+                 + ("; DiT sharded over the DiT ranks (FSDP2)" if self.fsdp else ""),
                  f"{len(self.videos)} video(s) into {self.out_dir}", "",
                  f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11}"]
         for r in self.ranks:
@@ -210,18 +212,42 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
+    fsdp = _resolve_fsdp(run.parallel.fsdp, dims, device, components["dit"].weight_bytes)
+    if fsdp and run.lora:
+        fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
+             "whole weights before the run, and sharded weights are never whole on one rank")
     ranks = []
     for r in range(world_size):
         role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
-        ranks.append(RankPlan(rank=r, role=role, weight_bytes={
-            name: c.weight_bytes for name, c in components.items() if r in c.ranks}))
+        held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
+        if fsdp and "dit" in held:
+            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype,
+                                                 shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
+        ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
     return JobPlan(
         config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device.type, dims=dims, components=components,
-        kernels={use: kernel for use in ATTENTION_USES}, latent=shape, num_tokens=num_tokens,
+        kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, latent=shape, num_tokens=num_tokens,
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )
+
+
+def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replica_bytes: int) -> bool:
+    """`true` needs two DiT ranks to shard over; `auto` shards on a GPU that a DiT replica would fill more
+    than half of (the rest is for activations, the VAE decode and the allocator), never on a CPU."""
+    setting = str(setting).lower()
+    if setting not in SWITCHES:
+        fail("parallel.fsdp", setting, f"one of {', '.join(SWITCHES)}")
+    shardable = len(dims.dit_ranks) > 1
+    if setting == "true" and not shardable:
+        fail("parallel.fsdp", True, f"false or auto with one DiT rank ({dims.describe()}): sharding needs at "
+             "least two DiT ranks to split the weights over")
+    if setting == "auto":
+        if device.type != "cuda" or not shardable:
+            return False
+        return replica_bytes > torch.cuda.get_device_properties(device).total_memory // 2
+    return setting == "true"
 
 
 def _output_problem(out_dir: Path) -> str | None:

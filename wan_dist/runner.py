@@ -31,11 +31,12 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     rank, device = session.rank, session.device
     # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them.
     mesh = plan.dims.build_mesh(device.type, session.timeout_s)
+    shard_mesh = plan.dims.build_shard_mesh(device.type, session.timeout_s) if plan.fsdp else None
     handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
                       timeout_s=session.timeout_s)
     metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))
     encoder = EncoderStage(plan, session, handoff, metrics) if plan.holds(rank, "vae") else None
-    dit = DitStage(plan, session, handoff, metrics, mesh) if plan.holds(rank, "dit") else None
+    dit = DitStage(plan, session, handoff, metrics, mesh, shard_mesh) if plan.holds(rank, "dit") else None
     if encoder is not None:
         encoder.start()
     try:

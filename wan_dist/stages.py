@@ -23,8 +23,8 @@ import torch
 from .cfg_parallel import GuidedNoise
 from .decode import decode_latents
 from .loading import (
-    apply_loras, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
-    load_vae, parameter_bytes,
+    apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
+    load_transformer_sharded, load_vae, parameter_bytes,
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
@@ -55,6 +55,8 @@ class EncoderStage:
         self._encode_s: dict[int, float] = {}  # per video: its prompts' encoding seconds
         with metrics.timed("load_s"):
             self.vae = load_vae(folder, plan.components["vae"].dtype, session.device, allow_pickle=allow_pickle)
+        if config.model.vae_tiling:
+            self.vae.enable_tiling()  # diffusers' tiles (256 px, stride 192), blended as diffusers blends them
         metrics.hold("vae", parameter_bytes(self.vae))
 
         text = plan.components["text_encoder"]
@@ -167,20 +169,30 @@ def _weights_fingerprint(folder: Path) -> str:
 class DitStage:
     """A DiT rank's side: take the inputs, denoise, hand the latents back."""
 
-    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, mesh) -> None:
+    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, mesh,
+                 shard_mesh=None) -> None:
         self.plan, self.session, self.handoff, self.metrics = plan, session, handoff, metrics
         self.dtype = plan.components["dit"].dtype
         config, device = plan.config, session.device
+        options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
+                       ring_group=mesh.get_group("ring"), context_cache=config.context_cache,
+                       compile_blocks=config.compile)
         with metrics.timed("load_s", device):
-            self.transformer = load_transformer(plan.folder, self.dtype, device,
-                                                allow_pickle=config.model.allow_pickle)
-            apply_loras(self.transformer, list(config.lora))
+            if shard_mesh is not None:
+                # Parallelized on the meta device, then each rank reads only its own rows of the weights.
+                self.transformer = build_transformer_on_meta(plan.folder, self.dtype)
+                self.handle: DitHandle = parallelize_dit(self.transformer, shard_mesh=shard_mesh, **options)
+                load_transformer_sharded(self.transformer, plan.folder, self.dtype, device,
+                                         shard_rank=plan.dims.dit_ranks.index(session.rank),
+                                         shard_count=len(plan.dims.dit_ranks))
+            else:
+                self.transformer = load_transformer(plan.folder, self.dtype, device,
+                                                    allow_pickle=config.model.allow_pickle)
+                apply_loras(self.transformer, list(config.lora))
+                self.handle = parallelize_dit(self.transformer, **options)
             self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)
         metrics.hold("dit", parameter_bytes(self.transformer))
         self.cfg_group = mesh.get_group("cfg")
-        self.handle: DitHandle = parallelize_dit(
-            self.transformer, kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
-            ring_group=mesh.get_group("ring"), context_cache=config.context_cache, compile_blocks=config.compile)
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
 
