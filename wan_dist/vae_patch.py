@@ -39,6 +39,8 @@ the whole latent-resolution frame at the attention), about ``1 / ranks`` of the 
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +53,10 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import (
     WanResample,
 )
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
+from wan_dist.live_memory import LiveTensorBytes
 from wan_dist.model_hooks import ModelHooks
 
 # The tensor dim of image rows, in the 5D (batch, channels, frames, rows, columns) activations and in the
@@ -103,10 +108,35 @@ class _Bands:
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.has_above = self.rank > 0
-        self.has_below = self.rank < self.size - 1
+        self._place(dist.get_rank(group), dist.get_world_size(group))
+
+    def _place(self, rank: int, size: int) -> None:
+        self.rank = rank
+        self.size = size
+        self.has_above = rank > 0
+        self.has_below = rank < size - 1
+
+    # The communication primitives, all in group ranks; _SimulatedBands replaces them.
+    def _p2p(self, ops: list[tuple[Any, torch.Tensor, int]]) -> None:
+        works = dist.batch_isend_irecv(
+            [dist.P2POp(op, tensor, group=self.group, group_peer=peer) for op, tensor, peer in ops]
+        )
+        for work in works:
+            work.wait()
+
+    def _all_gather(self, outs: list[torch.Tensor], x: torch.Tensor) -> None:
+        dist.all_gather(outs, x, group=self.group)
+
+    def _send(self, x: torch.Tensor, dst: int) -> None:
+        dist.send(x, group=self.group, group_dst=dst)
+
+    def _recv(self, x: torch.Tensor, src: int) -> None:
+        dist.recv(x, group=self.group, group_src=src)
+
+    def row_counts(self, rows: int, device: torch.device) -> list[int]:
+        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.size)]
+        self._all_gather(counts, torch.tensor([rows], dtype=torch.int64, device=device))
+        return [int(c) for c in counts]
 
     def exchange(
         self, first: torch.Tensor | None, last: torch.Tensor | None
@@ -118,33 +148,27 @@ class _Bands:
         ops = []
         if self.has_above:
             if first is not None:
-                ops.append(dist.P2POp(dist.isend, first.contiguous(), group=self.group, group_peer=self.rank - 1))
+                ops.append((dist.isend, first.contiguous(), self.rank - 1))
             if last is not None:
                 above = torch.empty_like(last, memory_format=torch.contiguous_format)
-                ops.append(dist.P2POp(dist.irecv, above, group=self.group, group_peer=self.rank - 1))
+                ops.append((dist.irecv, above, self.rank - 1))
         if self.has_below:
             if last is not None:
-                ops.append(dist.P2POp(dist.isend, last.contiguous(), group=self.group, group_peer=self.rank + 1))
+                ops.append((dist.isend, last.contiguous(), self.rank + 1))
             if first is not None:
                 below = torch.empty_like(first, memory_format=torch.contiguous_format)
-                ops.append(dist.P2POp(dist.irecv, below, group=self.group, group_peer=self.rank + 1))
+                ops.append((dist.irecv, below, self.rank + 1))
         if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            self._p2p(ops)
         return above, below
-
-    def row_counts(self, rows: int, device: torch.device) -> list[int]:
-        counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.size)]
-        dist.all_gather(counts, torch.tensor([rows], dtype=torch.int64, device=device), group=self.group)
-        return [int(c) for c in counts]
 
     def all_gather_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The bands' ``x`` stacked along the rows, on every rank, and each band's row count."""
         counts = self.row_counts(x.shape[ROWS], x.device)
         # all_gather wants equal shapes: the shorter bands are padded to the tallest and trimmed after.
-        padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - x.shape[ROWS])).contiguous()
+        padded = F.pad(x, (0, 0, 0, max(counts) - x.shape[ROWS])).contiguous()
         gathered = [torch.empty_like(padded) for _ in counts]
-        dist.all_gather(gathered, padded, group=self.group)
+        self._all_gather(gathered, padded)
         whole = torch.cat([g.narrow(ROWS, 0, n) for g, n in zip(gathered, counts)], dim=ROWS)
         return whole, counts
 
@@ -157,7 +181,7 @@ class _Bands:
             return self.all_gather_rows(x)[0]
         counts = self.row_counts(x.shape[ROWS], x.device)
         if self.rank != dst:
-            dist.send(x.contiguous(), group=self.group, group_dst=dst)
+            self._send(x.contiguous(), dst)
             return None
         # One band in flight at a time: the receiving rank holds the whole result plus one band, never
         # every band twice.
@@ -172,10 +196,37 @@ class _Bands:
             else:
                 shape[ROWS] = rows
                 band = x.new_empty(shape)
-                dist.recv(band, group=self.group, group_src=rank)
+                self._recv(band, rank)
                 target.copy_(band)
             start += rows
         return whole
+
+
+class _SimulatedBands(_Bands):
+    """One band of a group that does not exist: what is received is left as allocated (meant for meta
+    tensors, to measure a band's memory without running the others)."""
+
+    def __init__(self, rank: int, latent_rows: list[int]) -> None:
+        self.group = None
+        self._place(rank, len(latent_rows))
+        self.latent_rows = latent_rows
+
+    def _p2p(self, ops) -> None:
+        pass
+
+    def _all_gather(self, outs, x) -> None:
+        pass
+
+    def _send(self, x, dst) -> None:
+        pass
+
+    def _recv(self, x, src) -> None:
+        pass
+
+    def row_counts(self, rows: int, device: torch.device) -> list[int]:
+        # Every level's rows are the latent rows times one factor (the attention's 1, the output's f).
+        scale = rows // self.latent_rows[self.rank]
+        return [scale * n for n in self.latent_rows]
 
 
 def _with_halo(bands: _Bands, parts: list[torch.Tensor], halo: int) -> list[torch.Tensor]:
@@ -265,7 +316,10 @@ def apply_patch_parallel(vae: nn.Module, group: dist.ProcessGroup | None = None)
     Raises NotImplementedError for a convolution spanning rows that is not one of the Wan VAE's known
     kinds, rather than compute something wrong.
     """
-    bands = _Bands(group)
+    return _install(vae, _Bands(group))
+
+
+def _install(vae: nn.Module, bands: _Bands) -> ModelHooks:
     hooks = ModelHooks()
     if bands.size == 1:
         return hooks
@@ -303,12 +357,19 @@ def _refuse_tiling(vae: nn.Module) -> None:
                          "tiles blend, so use one or the other (vae.disable_tiling())")
 
 
-def _on_bands(vae: nn.Module, group: dist.ProcessGroup | None, run) -> torch.Tensor:
-    hooks = apply_patch_parallel(vae, group)
+def _on_band(vae: nn.Module, bands: _Bands, run, dst: int | None) -> torch.Tensor | None:
+    hooks = _install(vae, bands)
     try:
-        return run()
+        result = run()
     finally:
         hooks.remove()
+    return bands.gather_rows(result, dst)
+
+
+def _decode_on(bands: _Bands, latents: torch.Tensor, vae: nn.Module, dst: int | None) -> torch.Tensor | None:
+    start, stop = check_bands(latents.shape[ROWS], bands.size)[bands.rank]
+    band = latents.narrow(ROWS, start, stop - start)
+    return _on_band(vae, bands, lambda: vae.decode(band, return_dict=False)[0], dst)
 
 
 @torch.no_grad()
@@ -327,11 +388,107 @@ def decode_patch_parallel(
     device and dtype. Every rank of ``group`` must call. The VAE must not have tiling enabled.
     """
     _refuse_tiling(vae)
-    bands = _Bands(group)
-    start, stop = check_bands(latents.shape[ROWS], bands.size)[bands.rank]
-    band = latents.narrow(ROWS, start, stop - start)
-    video = _on_bands(vae, group, lambda: vae.decode(band, return_dict=False)[0])
-    return bands.gather_rows(video, dst)
+    return _decode_on(_Bands(group), latents, vae, dst)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_vae(config_json: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    with torch.device("meta"):
+        vae = AutoencoderKLWan.from_config(json.loads(config_json)).eval()
+    # nn.Module's own cast: ModelMixin.to warns about modules to keep in fp32, and the Wan VAE has none.
+    return nn.Module.to(vae, dtype)
+
+
+class _FusedAttentionOnMeta(TorchFunctionMode):
+    """On meta tensors scaled_dot_product_attention takes the math path, which holds the tokens x tokens
+    matrix that the fused kernels (CPU's flash, CUDA's flash and memory-efficient) never allocate; the
+    CPU flash kernel has a meta version, so the simulated decode uses that."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention and len(args) == 3 and not kwargs:
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*args)[0]
+        return func(*args, **(kwargs or {}))
+
+
+@torch.no_grad()
+def _simulated_peaks(vae: nn.Module, bands: _Bands, latent_shape: tuple[int, ...], dst: int | None,
+                     dtype: torch.dtype) -> tuple[int, int]:
+    """The peak live bytes inside the decoder's calls and outside them (the video's concatenation, the
+    clamp, the gather), of one band's decode run on meta tensors."""
+    latents = torch.empty(latent_shape, device="meta", dtype=dtype)
+    live = LiveTensorBytes()
+    live.phase = "around"
+
+    def enter(module, args, kwargs):
+        live.phase = "decoder"
+
+    def leave(module, args, kwargs, out):
+        live.phase = "around"
+
+    phases = [vae.decoder.register_forward_pre_hook(enter, with_kwargs=True),
+              vae.decoder.register_forward_hook(leave, with_kwargs=True)]
+    try:
+        with _FusedAttentionOnMeta(), live:
+            _decode_on(bands, latents, vae, dst)
+    finally:
+        for hook in phases:
+            hook.remove()
+    return live.peaks.get("decoder", 0), live.peaks.get("around", 0)
+
+
+def decode_peak_bytes(
+    vae_config: Mapping[str, Any],
+    latent_shape: tuple[int, int, int],
+    num_ranks: int = 1,
+    *,
+    dst: int | None = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[int]:
+    """Each rank's peak bytes of activations (beyond the weights and the input latents) in a decode of
+    latents ``(frames, height, width)`` by ``decode_patch_parallel`` over ``num_ranks`` ranks gathering
+    to ``dst``; ``num_ranks=1`` is the plain ``vae.decode`` on one rank. Reads no weights.
+
+    Measured, not modelled: the same code runs on ``meta`` tensors (no memory, no arithmetic) with the
+    other bands simulated, under ``LiveTensorBytes``, so halos, the attention's whole frame, the time
+    cache, the concatenated video and the gather are all in it. It is the live tensors' peak: an
+    allocator's caching and fragmentation (CUDA's caching allocator, glibc) come on top. For more than 4
+    latent frames, 3 and 4 are run and the rest extrapolated: from the third chunk on every chunk has the
+    same shapes, so the peak inside the decoder (the chunk's working set, the cache, the video so far) and
+    the one outside it (the concatenation, the clamp, the gather) each grow by the same amount per frame.
+    Bands of equal place and size share one run.
+    """
+    config_json = json.dumps(dict(vae_config), sort_keys=True)
+    return list(_decode_peaks(config_json, tuple(latent_shape), num_ranks, dst, dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_peaks(config_json: str, latent_shape: tuple[int, int, int], num_ranks: int, dst: int | None,
+                  dtype: torch.dtype) -> tuple[int, ...]:
+    frames, height, width = latent_shape
+    rows = [stop - start for start, stop in check_bands(height, num_ranks)]
+    vae = _meta_vae(config_json, dtype)
+    z_dim = vae.config.z_dim
+
+    def peak(rank: int) -> int:
+        def run(f: int) -> tuple[int, int]:
+            return _simulated_peaks(vae, _SimulatedBands(rank, rows), (1, z_dim, f, height, width), dst, dtype)
+
+        if frames <= 4:
+            return max(run(frames))
+        (inside3, around3), (inside4, around4) = run(3), run(4)
+        more = frames - 4
+        return max(inside4 + more * (inside4 - inside3), around4 + more * (around4 - around3))
+
+    by_place: dict[tuple, int] = {}
+    peaks = []
+    for rank in range(num_ranks):
+        place = (rows[rank], rank > 0, rank < num_ranks - 1, dst is None or rank == dst)
+        if place not in by_place:
+            by_place[place] = peak(rank)
+        peaks.append(by_place[place])
+    return tuple(peaks)
 
 
 @torch.no_grad()
@@ -354,5 +511,4 @@ def encode_patch_parallel(
     bands = _Bands(group)
     start, stop = encode_bands(video.shape[ROWS], bands.size, vae.config)[bands.rank]
     band = video.narrow(ROWS, start, stop - start)
-    latents = _on_bands(vae, group, lambda: vae.encode(band).latent_dist.mode())
-    return bands.gather_rows(latents, dst)
+    return _on_band(vae, bands, lambda: vae.encode(band).latent_dist.mode(), dst)

@@ -11,7 +11,8 @@ import torch
 from tests.dist_utils import run_on_ranks
 from wan_dist.live_memory import LiveTensorBytes
 from wan_dist.vae_patch import (
-    apply_patch_parallel, check_bands, decode_patch_parallel, encode_bands, encode_patch_parallel,
+    apply_patch_parallel, check_bands, decode_patch_parallel, decode_peak_bytes, encode_bands,
+    encode_patch_parallel,
 )
 
 TOLERANCE = 1e-4
@@ -110,10 +111,12 @@ def references() -> dict:
                 "decoded": vae.decode(latents).sample,
                 "encoded": vae.encode(video).latent_dist.mode(),
             }
-        # At this size the activations outweigh the video, so the bands' saving shows.
-        out["peak_latents"] = torch.randn(1, 16, 2, 16, 12, generator=torch.Generator().manual_seed(2))
+        # At this size the activations outweigh the video, so the bands' saving shows; 5 latent frames
+        # are more than decode_peak_bytes runs, so its extrapolation is checked too.
+        out["peak_latents"] = torch.randn(1, 16, 5, 16, 12, generator=torch.Generator().manual_seed(2))
+        vae = _vae("wan2.1")
         with LiveTensorBytes() as live:
-            _vae("wan2.1").decode(out["peak_latents"])
+            vae.decode(out["peak_latents"])
         out["whole_peak"] = live.peak
     return out
 
@@ -166,6 +169,15 @@ def test_band_peak_below_whole_decode(ranks, references):
     assert max(peaks) < 0.75 * whole, (peaks, whole)
     # Each band's own activations are about half the whole's: a band computing nothing would not pass.
     assert min(peaks) > 0.25 * whole, (peaks, whole)
+
+
+def test_peak_estimate_matches_measured(ranks, references):
+    config = CONFIGS["wan2.1"]
+    shape = tuple(references["peak_latents"].shape[2:])
+    (whole,) = decode_peak_bytes(config, shape, 1)
+    assert whole == pytest.approx(references["whole_peak"], rel=0.01)
+    estimated = decode_peak_bytes(config, shape, 2)
+    assert estimated == pytest.approx([ranks[0]["peak"], ranks[1]["peak"]], rel=0.01)
 
 
 def test_remove_restores_the_vae(ranks):
