@@ -9,8 +9,8 @@ in space, with one exception, so every rank of a group can run the unchanged ``v
   ranks than latent rows is refused (``check_bands``). In the decoder a band of latent rows ``[a, b)``
   becomes image rows ``[f*a, f*b)`` (``f = row_factor``: nearest upsampling and unpatchify are local);
   in the encoder the same split is applied to the image in units of ``f`` rows (the last band also takes
-  rows beyond the last whole multiple, which the encoder drops as diffusers does), so every band boundary
-  stays at an even row through every stride-2 downsample and every 2x2 patch or ``AvgDown3D`` block.
+  the rows past the last whole multiple of ``f``), so every band boundary stays at an even row through
+  every stride-2 downsample and every 2x2 patch or ``AvgDown3D`` block.
 - Halos. Before each convolution whose kernel spans more than one row (3x3x3 ``WanCausalConv3d``, the
   3x3 ``Conv2d`` after each nearest upsampling) a forward pre-hook appends the neighbouring bands' edge
   rows (point to point, ``batch_isend_irecv``) on the sides that have a neighbour; the convolution's own
@@ -108,7 +108,10 @@ class _Bands:
 
     def __init__(self, group: dist.ProcessGroup | None) -> None:
         self.group = group
-        self._place(dist.get_rank(group), dist.get_world_size(group))
+        rank = dist.get_rank(group)
+        if rank < 0:
+            raise ValueError("patch-parallel VAE: this rank is not in the group it was given")
+        self._place(rank, dist.get_world_size(group))
 
     def _place(self, rank: int, size: int) -> None:
         self.rank = rank
@@ -323,10 +326,12 @@ def _install(vae: nn.Module, bands: _Bands) -> ModelHooks:
     hooks = ModelHooks()
     if bands.size == 1:
         return hooks
+    # The downsampling conv's rule holds after a ZeroPad2d adding one column right and one row below.
     downsample_convs = {
         id(module.resample[1])
         for module in vae.modules()
         if isinstance(module, WanResample) and module.mode.startswith("downsample")
+        and isinstance(module.resample[0], nn.ZeroPad2d) and tuple(module.resample[0].padding) == (0, 1, 0, 1)
     }
     for name, module in vae.named_modules():
         if isinstance(module, WanAttentionBlock):

@@ -26,8 +26,9 @@ CONFIGS = {
 }
 # 7 latent rows: bands of 4+3, 3+2+2, 2+2+2+1. 3 latent frames: the first chunk and two later ones.
 LATENT = dict(frames=3, height=7, width=5)
-# 7 frames: the encoder's chunks of 1 and 4 frames, and 2 frames diffusers leaves out. Wan2.1: 60 rows =
-# 7 latent rows and 4 more the encoder drops; Wan2.2: 112 rows, 7 latent rows.
+# 7 frames: the encoder's chunks of 1 and 4 frames, and 2 frames diffusers leaves out. Wan2.1: 60 rows,
+# 7 latent rows of 8 and 4 rows more (the last band's; the last downsample still reads them); Wan2.2:
+# 112 rows, 7 latent rows of 16.
 VIDEO = {"wan2.1": dict(frames=7, height=60, width=40), "wan2.2": dict(frames=7, height=112, width=80)}
 
 
@@ -184,3 +185,13 @@ def test_remove_restores_the_vae(ranks):
     for result in ranks:
         assert result["hooked"] > 0 and result["left"] == 0
         assert result["same_state"] and result["same_output"]
+
+
+def test_tiling_refused():
+    vae = _vae("wan2.1")
+    vae.enable_tiling()
+    latents, video = _inputs("wan2.1")
+    with pytest.raises(ValueError, match="tiling is on"):
+        decode_patch_parallel(latents, vae)
+    with pytest.raises(ValueError, match="tiling is on"):
+        encode_patch_parallel(video, vae)
