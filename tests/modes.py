@@ -42,6 +42,8 @@ class Case:
     compile: bool = False
     fsdp: bool = False
     vae_tiling: bool = False
+    vae_decode: str = "rank0"
+    vae_encode: str = "rank0"
 
     def run_config(self, out_dir: Path) -> RunConfig:
         run = RunConfig()
@@ -61,6 +63,7 @@ class Case:
         run.parallel.ulysses_degree, run.parallel.stage_split = self.ulysses, self.stage_split
         run.parallel.fsdp = "true" if self.fsdp else "false"
         run.model.vae_tiling = self.vae_tiling
+        run.parallel.vae_decode, run.parallel.vae_encode = self.vae_decode, self.vae_encode
         validate_run(run)
         return run
 

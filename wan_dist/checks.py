@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, SWITCHES, TASKS, RunConfig
+from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, SWITCHES, TASKS, VAE_SPLITS, RunConfig
 from .errors import ConfigError, fail
 from .loading import PICKLE_SUFFIXES, read_lora_state_dict, read_safetensors_header
 from .parallel_dims import check_degrees
@@ -200,6 +200,12 @@ def validate_run(run: RunConfig) -> RunFacts:
     check_degrees(p, guidance_scale=run.guidance_scale)
     if str(p.fsdp).lower() not in SWITCHES:
         fail("parallel.fsdp", p.fsdp, f"one of {', '.join(SWITCHES)}")
+    for key in ("vae_decode", "vae_encode"):
+        if getattr(p, key) not in VAE_SPLITS:
+            fail(f"parallel.{key}", getattr(p, key), f"one of {', '.join(VAE_SPLITS)}")
+        if getattr(p, key) == "patch" and run.model.vae_tiling:
+            fail(f"parallel.{key}", "patch", "rank0 with model.vae_tiling=true (tiles blend their overlaps; the "
+                 "bands are exact and already bound each rank's memory: use one or the other)")
     if p.timeout_s <= 0:
         fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
 

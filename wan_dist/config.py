@@ -20,6 +20,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("cpu", "gpu")
 SCHEDULERS = ("unipc", "euler")
 SWITCHES = ("auto", "true", "false")
+VAE_SPLITS = ("rank0", "patch")
 TASKS = ("t2v", "i2v")
 ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
 
@@ -55,6 +56,9 @@ class ParallelConfig:
     # The DiT's weights sharded over all DiT ranks with FSDP2: auto (when a replica does not fit the
     # device; never on CPU), true or false.
     fsdp: str = "auto"
+    # The VAE decode (and the I2V condition encode) on rank 0, or split into exact bands over all ranks.
+    vae_decode: str = "rank0"
+    vae_encode: str = "rank0"
     # CPU runs under torchrun: each rank on an equal share of the node's cores when ranks x threads fit.
     pin_cpus: bool = True
 

@@ -26,6 +26,30 @@ class RankMetrics:
     loaded: dict[str, int] = field(default_factory=dict)
     # Memory in use after each video (not the peak), so growth along a prompt queue shows.
     after_video_bytes: list[int] = field(default_factory=list)
+    # The most a phase (the VAE decode) allocated beyond what was there when it began.
+    phase_peak_bytes: dict[str, int] = field(default_factory=dict)
+    _cuda_peak_floor: int = 0  # the CUDA peak before a phase's measurement reset the counter
+
+    @contextmanager
+    def peak(self, phase: str, device: torch.device) -> Iterator[None]:
+        """Measure what `phase` allocates at most: CUDA's peak counter (reset for it, the run's peak kept
+        aside), or on CPU every tensor it allocates and frees (live_memory.py; RSS would mix in the
+        allocator's caching)."""
+        if device.type == "cuda":
+            self._cuda_peak_floor = max(self._cuda_peak_floor, torch.cuda.max_memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            try:
+                yield
+            finally:
+                used = torch.cuda.max_memory_allocated(device) - base
+                self.phase_peak_bytes[phase] = max(self.phase_peak_bytes.get(phase, 0), used)
+            return
+        from .live_memory import LiveTensorBytes
+
+        with LiveTensorBytes() as live:
+            yield
+        self.phase_peak_bytes[phase] = max(self.phase_peak_bytes.get(phase, 0), live.peak)
 
     @contextmanager
     def timed(self, name: str, device: torch.device | None = None) -> Iterator[None]:
@@ -54,7 +78,8 @@ class RankMetrics:
             "loaded_parameter_bytes": dict(self.loaded),
             "held_parameter_bytes_at_end": dict(self.parameter_bytes),
             "peak_parameter_bytes": self.peak_parameter_bytes,
-            "peak_bytes": peak_memory_bytes(device), "peak_kind": peak_kind(device),
+            "peak_bytes": max(peak_memory_bytes(device), self._cuda_peak_floor), "peak_kind": peak_kind(device),
+            "phase_peak_bytes": dict(self.phase_peak_bytes),
             "after_video_bytes": list(self.after_video_bytes),
             "after_video_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
             # The cores this rank may run on (parallel.pin_cpus) and its compute threads.

@@ -86,6 +86,8 @@ class JobPlan:
     components: dict[str, ComponentPlan]
     kernels: dict[str, str]  # attention use -> kernel name
     fsdp: bool  # the DiT's weights sharded over the DiT ranks (FSDP2)
+    vae_decode: str  # "rank0", or "patch": every rank decodes a band of rows
+    vae_encode: str  # the same for the I2V condition encode
     latent: LatentShape
     num_tokens: int
     negative_prompt: str | None  # None without guidance: there is no unconditional branch
@@ -128,7 +130,8 @@ class JobPlan:
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
                                   "ranks": list(c.ranks), "weight_bytes": c.weight_bytes}
                            for name, c in self.components.items()},
-            "kernels": dict(self.kernels), "fsdp": self.fsdp,
+            "kernels": dict(self.kernels), "fsdp": self.fsdp, "vae_decode": self.vae_decode,
+            "vae_encode": self.vae_encode,
             "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
             "seed": self.seed, "out_dir": str(self.out_dir),
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
@@ -191,7 +194,9 @@ def build_plan(
     dit_dtype = resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16)
     wanted = {
         "text_encoder": (encoder_dtype, encoder_device, (0,)),
-        "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device, (0,)),
+        # With a banded decode or encode every rank holds the VAE (fp32 at full size: about 0.5 GB).
+        "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device,
+                _vae_ranks(run, world_size, dims, vae_config, shape, facts.task == "i2v")),
         "dit": (dit_dtype, device, tuple(dims.dit_ranks)),
     }
     if facts.task == "i2v":
@@ -227,10 +232,38 @@ def build_plan(
     return JobPlan(
         config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device.type, dims=dims, components=components,
-        kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, latent=shape, num_tokens=num_tokens,
+        kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
+        vae_encode=run.parallel.vae_encode if facts.task == "i2v" else "rank0", latent=shape, num_tokens=num_tokens,
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )
+
+
+def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: dict, shape: LatentShape,
+               i2v: bool) -> tuple[int, ...]:
+    """Rank 0, or every rank when the decode (or the I2V encode) is split into bands; the band rules
+    checked here, before anything is loaded."""
+    from .vae_patch import check_bands, encode_bands
+
+    p = run.parallel
+    decode, encode = p.vae_decode == "patch", p.vae_encode == "patch" and i2v
+    if not (decode or encode) or world_size == 1:
+        return (0,)
+    if decode and dims.stage_split and run.prompts_file is not None:
+        # The DiT ranks denoise video i+1 while rank 0 decodes video i: taking them for the decode would
+        # stall the pipeline that the stage split is for.
+        fail("parallel.vae_decode", "patch", "rank0 with a stage split and a prompt queue (the DiT ranks are "
+             "busy with the next video while rank 0 decodes; without the queue, or without the stage split, "
+             "every rank decodes a band)")
+    try:
+        if decode:
+            check_bands(shape.height, world_size)
+        if encode:
+            encode_bands(run.height, world_size, vae_config)
+    except ValueError as error:
+        fail(f"parallel.vae_{'decode' if decode else 'encode'}", "patch", f"rank0, or fewer ranks or a taller "
+             f"video ({error})")
+    return tuple(range(world_size))
 
 
 def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replica_bytes: int) -> bool:

@@ -19,7 +19,8 @@ from .metrics import RankMetrics
 from .plan import JobPlan
 from .session import Session
 from .stage_split import Handoff
-from .stages import DitStage, EncoderStage, run_stages
+from .session import new_group_with_timeout
+from .stages import DitStage, EncoderStage, VaeWork, run_stages
 from .video import write_json
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,18 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     shard_mesh = plan.dims.build_shard_mesh(device.type, session.timeout_s) if plan.fsdp else None
     handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
                       timeout_s=session.timeout_s)
+    # The VAE's bands run over all ranks, on a group of their own (collective to create).
+    vae_group = new_group_with_timeout(list(range(session.world_size)), session.timeout_s) \
+        if len(plan.components["vae"].ranks) > 1 else None
     metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))
-    encoder = EncoderStage(plan, session, handoff, metrics) if plan.holds(rank, "vae") else None
-    dit = DitStage(plan, session, handoff, metrics, mesh, shard_mesh) if plan.holds(rank, "dit") else None
+    vae = VaeWork(plan, session, metrics, vae_group) if plan.holds(rank, "vae") else None
+    # I2V: the condition encode, on rank 0 or in bands over every rank, before anything else runs.
+    condition = vae.image_condition() if vae is not None and plan.task == "i2v" \
+        and (rank == 0 or plan.vae_encode == "patch") else None
+    encoder = EncoderStage(plan, session, handoff, metrics, vae, condition) if rank == 0 else None
+    band_decoder = vae if rank != 0 and plan.vae_decode == "patch" else None
+    dit = DitStage(plan, session, handoff, metrics, mesh, shard_mesh, band_decoder) \
+        if plan.holds(rank, "dit") else None
     if encoder is not None:
         encoder.start()
     try:

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cfg_parallel import GuidedNoise
@@ -44,20 +45,48 @@ def _component_device(plan: JobPlan, name: str, session: Session) -> torch.devic
     return session.device if plan.components[name].device == session.device.type else torch.device("cpu")
 
 
+class VaeWork:
+    """The VAE on a rank that holds it (rank 0; every rank when the plan splits the decode or the I2V
+    encode into bands, which are collectives over `group`: all its ranks call together)."""
+
+    def __init__(self, plan: JobPlan, session: Session, metrics: RankMetrics, group=None) -> None:
+        self.plan, self.session, self.metrics, self.group = plan, session, metrics, group
+        config = plan.config
+        with metrics.timed("load_s"):
+            self.vae = load_vae(plan.folder, plan.components["vae"].dtype, session.device,
+                                allow_pickle=config.model.allow_pickle)
+        if config.model.vae_tiling:
+            self.vae.enable_tiling()  # diffusers' tiles (256 px, stride 192), blended as diffusers blends them
+        metrics.hold("vae", parameter_bytes(self.vae))
+
+    def image_condition(self) -> torch.Tensor | None:
+        """The I2V condition (on rank 0; None elsewhere), the image's rows in bands with vae_encode=patch."""
+        from diffusers.utils import load_image
+
+        config = self.plan.config
+        with self.metrics.timed("encode_s"):
+            return encode_image_condition(
+                load_image(config.image), self.vae, height=config.height, width=config.width,
+                num_frames=config.num_frames, group=self.group if self.plan.vae_encode == "patch" else None)
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray | None:
+        """The frames on rank 0 (None elsewhere), decoded in bands with vae_decode=patch; its time and the
+        peak of what it allocated go to run.json."""
+        device = self.session.device
+        with self.metrics.timed("decode_s", device), self.metrics.peak("decode", device):
+            return decode_latents(latents, self.vae, self.group if self.plan.vae_decode == "patch" else None)
+
+
 class EncoderStage:
     """Rank 0's side: encode, hand over, take the latents back, decode, write."""
 
-    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics) -> None:
-        self.plan, self.session, self.handoff, self.metrics = plan, session, handoff, metrics
+    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, vae: VaeWork,
+                 condition: torch.Tensor | None = None) -> None:
+        self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
         config, folder = plan.config, plan.folder
         allow_pickle = config.model.allow_pickle
         self.videos: list[dict] = []
         self._encode_s: dict[int, float] = {}  # per video: its prompts' encoding seconds
-        with metrics.timed("load_s"):
-            self.vae = load_vae(folder, plan.components["vae"].dtype, session.device, allow_pickle=allow_pickle)
-        if config.model.vae_tiling:
-            self.vae.enable_tiling()  # diffusers' tiles (256 px, stride 192), blended as diffusers blends them
-        metrics.hold("vae", parameter_bytes(self.vae))
 
         text = plan.components["text_encoder"]
         text_device = _component_device(plan, "text_encoder", session)
@@ -84,29 +113,24 @@ class EncoderStage:
         self._encoder = encoder
         self._image_inputs: dict[str, torch.Tensor] = {}
         if "image_encoder" in plan.components:
-            self._image_inputs = self._encode_image(text_device, allow_pickle)
+            self._image_inputs = {"image_embeds": self._embed_image(text_device, allow_pickle),
+                                  "condition": condition}
         self._background: BackgroundEncoder | None = None
         self._results: Iterator | None = None
 
-    def _encode_image(self, device: torch.device, allow_pickle: bool) -> dict[str, torch.Tensor]:
-        """The I2V image's CLIP embeddings and VAE condition, once for the whole queue."""
+    def _embed_image(self, device: torch.device, allow_pickle: bool) -> torch.Tensor:
+        """The I2V image's CLIP embeddings, once for the whole queue."""
         from diffusers.utils import load_image
 
-        config = self.plan.config
         with self.metrics.timed("load_s"):
             image_encoder, processor = load_image_encoder(
                 self.plan.folder, self.plan.components["image_encoder"].dtype, device, allow_pickle=allow_pickle)
         self.metrics.hold("image_encoder", parameter_bytes(image_encoder))
         with self.metrics.timed("encode_s"):
-            image = load_image(config.image)
-            inputs = {
-                "image_embeds": encode_image_embeds(image, image_encoder, processor),
-                "condition": encode_image_condition(image, self.vae, height=config.height, width=config.width,
-                                                    num_frames=config.num_frames),
-            }
+            embeds = encode_image_embeds(load_image(self.plan.config.image), image_encoder, processor)
         del image_encoder
         self.metrics.release("image_encoder")
-        return inputs
+        return embeds
 
     def start(self) -> None:
         """Start encoding in the background. Only once every model of this rank is loaded: diffusers'
@@ -138,8 +162,7 @@ class EncoderStage:
             latents = self.handoff.take_latents()
             # The ordering rule: the next video is handed over before this one is decoded.
             self._hand_over_through(video.index + self.handoff.ahead)
-            with self.metrics.timed("decode_s", device):
-                frames = decode_latents(latents, self.vae)
+            frames = self.vae.decode(latents)
             with self.metrics.timed("write_s"):
                 write_video(frames, plan.out_dir / video.video, config.frame_rate, overwrite=config.output.overwrite)
                 if video.frames:
@@ -170,8 +193,10 @@ class DitStage:
     """A DiT rank's side: take the inputs, denoise, hand the latents back."""
 
     def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, mesh,
-                 shard_mesh=None) -> None:
-        self.plan, self.session, self.handoff, self.metrics = plan, session, handoff, metrics
+                 shard_mesh=None, vae: VaeWork | None = None) -> None:
+        """`vae`: on a DiT rank other than rank 0 with vae_decode=patch, the VAE it decodes its band with,
+        right after each video, together with rank 0."""
+        self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
         self.dtype = plan.components["dit"].dtype
         config, device = plan.config, session.device
         options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
@@ -206,6 +231,8 @@ class DitStage:
             if video.index == len(plan.videos) - 1:
                 self._release()
             self.handoff.hand_back(latents)
+            if self.vae is not None:
+                self.vae.decode(latents)  # this rank's band; the frames are gathered to rank 0
             if self._records_videos:
                 self.metrics.video_done(device)
             yield

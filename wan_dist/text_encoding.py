@@ -210,9 +210,12 @@ def encode_image_embeds(image, image_encoder, image_processor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image_condition(image, vae, *, height: int, width: int, num_frames: int) -> torch.Tensor:
+def encode_image_condition(image, vae, *, height: int, width: int, num_frames: int,
+                           group=None) -> torch.Tensor | None:
     """The I2V conditioning latents (mask channels + VAE-encoded first frame), as diffusers'
-    WanImageToVideoPipeline.prepare_latents builds them. (1, 4 + z_dim, latent_frames, h, w), fp32, CPU."""
+    WanImageToVideoPipeline.prepare_latents builds them. (1, 4 + z_dim, latent_frames, h, w), fp32, CPU.
+    With a process `group` every rank of it encodes a band of rows (vae_patch.py, exact) and the result
+    is on the group's rank 0, None on the others."""
     from diffusers.video_processor import VideoProcessor
 
     temporal = vae.config.scale_factor_temporal
@@ -221,7 +224,15 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
     pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
     pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
     video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
-    latent = normalize_latents(vae.encode(video.to(vae.dtype)).latent_dist.mode().float(), vae.config)
+    if group is None:
+        latent = vae.encode(video.to(vae.dtype)).latent_dist.mode()
+    else:
+        from .vae_patch import encode_patch_parallel
+
+        latent = encode_patch_parallel(video.to(vae.dtype), vae, group, dst=0)
+        if latent is None:
+            return None
+    latent = normalize_latents(latent.float(), vae.config)
 
     latent_frames, lh, lw = latent.shape[2:]
     mask = torch.ones(1, 1, num_frames, lh, lw)
