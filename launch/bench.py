@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "launch")]  # wan_dist, and vae_bench beside this file
 
 from wan_dist.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.sweep import pyplot  # noqa: E402
@@ -218,6 +218,10 @@ def write_tables(report: dict, path: Path) -> None:
         for p in report["scaling"]:
             lines.append(f"| {p['mode']} | {p['gpus']} | {p['link']} | {p['compute_s']:.3f} | "
                          f"{p['communication_s']:.3f} | {p['step_s']:.3f} | {p['speedup']:.2f} |")
+    if report.get("vae_decode"):
+        from vae_bench import markdown
+
+        lines += ["", markdown(report["vae_decode"])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -326,6 +330,8 @@ def main() -> None:
              and not (name == "compiled" and not on_gpu and args.layouts is None)]
     with_diffusers = not args.no_diffusers and (args.layouts is None or "diffusers" in args.layouts)
     queue = bool(args.queue) and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts)
+    # The VAE decode alone, one rank against two (the Wan2.1 VAE architecture, random weights).
+    vae_decode = 2 in args.nproc and (args.layouts is None or "vae_decode" in args.layouts)
     if queue:
         out.mkdir(parents=True, exist_ok=True)
         prompts = out / "queue_prompts.txt"
@@ -348,6 +354,13 @@ def main() -> None:
             print(json.dumps({"round": round_index, **brief}), flush=True)
             rounds.setdefault(name, []).append(result)
     results = [_best_round(rounds[name]) for name in rounds]
+    decode_report = None
+    if vae_decode:
+        from vae_bench import run_vae_bench
+
+        decode_report = run_vae_bench(ranks=(1, 2))
+        print(json.dumps({"vae_decode": [{k: r[k] for k in ("ranks", "seconds", "speedup")}
+                                         for r in decode_report["results"]]}), flush=True)
 
     if on_gpu:
         device_name = torch.cuda.get_device_name(0)
@@ -371,7 +384,7 @@ def main() -> None:
         "model": model, "size": f"{spec['height']}x{spec['width']}x{spec['num_frames']}", "steps": spec["steps"],
         "tokens": spec["tokens"], "device": device_name, "overrides": overrides, "repeat": args.repeat,
         "flops_per_step": flops,
-        "peak": peak, "results": results, "scaling": scaling,
+        "peak": peak, "results": results, "scaling": scaling, "vae_decode": decode_report,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

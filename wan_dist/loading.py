@@ -241,11 +241,11 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtype,
-                           shard: tuple[int, int] | None = None) -> int:
+                           shard: tuple[int, int] | None = None, prefix: str = "") -> int:
     """The bytes a component's parameters take once loaded in `dtype`, from its safetensors headers alone
     (no tensor is read): floating tensors in `dtype` unless the model class keeps them in fp32, the others
-    as stored; with `shard=(rank, ranks)`, only the rows FSDP2 gives that rank. Pickle-only components are
-    sized from their files."""
+    as stored; with `shard=(rank, ranks)`, only the rows FSDP2 gives that rank; with `prefix`, only the
+    tensors whose names start with it. Pickle-only components are sized from their files."""
     keep = _keeps_fp32(component, dtype)
     files = sorted((Path(folder) / component).glob("*.safetensors"))
     if not files:
@@ -254,6 +254,8 @@ def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtyp
     total = 0
     for path in files:
         for name, info in read_safetensors_header(path).items():
+            if not name.startswith(prefix):
+                continue
             shape = list(info["shape"])
             if shard is not None and shape:
                 start, end = shard_rows(shape[0], *shard)

@@ -312,5 +312,42 @@ def official_comparison_markdown() -> str:
     return "\n".join(lines)
 
 
+# Seconds of the fit's unsplit part that are not the decode: one prompt pair through UMT5-XXL on a GPU.
+TEXT_ENCODE_S = 1.0
+
+
+def decode_seconds(single_decode_s: float, ranks: int, latent_height: int, *, link: Link = NVLINK,
+                   video_bytes: int = 0) -> float:
+    """The VAE decode split into `ranks` bands (parallel.vae_decode=patch): each band's share of the
+    work, plus one halo row per side per convolution (2 of a band's rows more, at every resolution alike),
+    plus the bands gathered to rank 0 over `link`. One rank: the whole decode."""
+    if ranks == 1:
+        return single_decode_s
+    band_rows = latent_height / ranks
+    return single_decode_s / ranks * (band_rows + 2) / band_rows + video_bytes * (ranks - 1) / ranks / link.bytes_per_s
+
+
+def decode_share_markdown(steps: int = 50, link: Link = NVLINK) -> str:
+    """T2V-14B at 720p x 81 frames, end to end at 1 to 8 GPUs (Ulysses), with the decode on rank 0 or in
+    bands over every GPU: the decode's seconds and its share of the whole."""
+    fit = fit_official(link=link)
+    decode_1 = fit["fixed_s"] - TEXT_ENCODE_S
+    video_bytes = 3 * 81 * 720 * 1280 * 4
+    lines = ["| GPUs | denoise s | decode on rank 0: s (share) | decode in bands: s (share) | end to end, bands |",
+             "| --- | --- | --- | --- | --- |"]
+    for gpus in (1, 2, 4, 8):
+        denoise = steps * predict_step(WAN_14B_CONFIG, WAN_720P_TOKENS, mode="ulysses", gpus=gpus, link=link,
+                                       single_step_s=fit["single_step_s"]).step_s
+        banded = decode_seconds(decode_1, gpus, 90, link=link, video_bytes=video_bytes)
+        serial_total, banded_total = TEXT_ENCODE_S + denoise + decode_1, TEXT_ENCODE_S + denoise + banded
+        lines.append(f"| {gpus} | {denoise:.1f} | {decode_1:.1f} ({decode_1 / serial_total:.1%}) "
+                     f"| {banded:.1f} ({banded / banded_total:.1%}) | {banded_total:.1f} |")
+    lines += ["", f"The decode's one-GPU time is the fit's unsplit part ({fit['fixed_s']:.1f} s) less "
+              f"{TEXT_ENCODE_S:.0f} s of text encoding; the bands add a halo row per side and the gather."]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(official_comparison_markdown())
+    print()
+    print(decode_share_markdown())

@@ -11,6 +11,7 @@ it and stops.
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +26,9 @@ from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import SWITCHES, RunConfig
 from .errors import ConfigError, fail
 from .loading import component_weight_bytes, read_component_config, resolve_dtype
+from .memory import (
+    RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
+)
 from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, latent_shape
 from .text_encoding import cpu_encoder_dtype, cpu_flags
@@ -110,6 +114,51 @@ class JobPlan:
     def role(self, rank: int) -> str:
         return self.ranks[rank].role
 
+    @functools.cached_property
+    def memory(self) -> list[RankMemory]:
+        """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
+        live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
+        (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
+        from .loading import read_component_config
+        from .vae_patch import decode_peak_bytes
+
+        dit_config = read_component_config(self.folder, "transformer")
+        vae_config = read_component_config(self.folder, "vae")
+        dit = self.components["dit"]
+        b = dtype_bytes(dit.dtype)
+        sp = self.dims.ring * self.dims.ulysses
+        local_tokens = -(-self.num_tokens // sp)
+        image = self.task == "i2v"
+        activations = block_activation_bytes(dit_config, local_tokens, b, ulysses=self.dims.ulysses,
+                                             ring=self.dims.ring) \
+            + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
+        cache = context_cache_bytes(dit_config, b, contexts=2 if self.guided and self.dims.cfg == 1 else 1,
+                                    image=image) if self.config.context_cache and not self.config.compile else 0
+        gather = 0
+        if self.fsdp:
+            block = component_weight_bytes(self.folder, "transformer", dit.dtype, prefix="blocks.0.")
+            root = dit.weight_bytes - dit_config["num_layers"] * block
+            gather = 2 * block + root
+        decoders = self.components["vae"].ranks
+        frames_h_w = (self.latent.frames, self.latent.height, self.latent.width)
+        if self.config.model.vae_tiling:
+            decode = [vae_decode_bytes(vae_config, height=self.config.height, width=self.config.width,
+                                       num_frames=self.config.num_frames, tiled=True)]
+        else:
+            decode = decode_peak_bytes(vae_config, frames_h_w, len(decoders) if self.vae_decode == "patch" else 1,
+                                       dtype=self.components["vae"].dtype)
+        out = []
+        for r in self.ranks:
+            on_device = sum(b_ for name, b_ in r.weight_bytes.items()
+                            if self.components[name].device == self.device_type)
+            is_dit = self.dims.is_dit_rank(r.rank)
+            decodes = r.rank in decoders and (r.rank == 0 or self.vae_decode == "patch")
+            out.append(RankMemory(
+                weights=on_device, activations=activations if is_dit else 0, gather_buffers=gather if is_dit else 0,
+                context_cache=cache if is_dit else 0,
+                decode=decode[min(decoders.index(r.rank), len(decode) - 1)] if decodes else 0))
+        return out
+
     def resolved_config(self) -> dict[str, Any]:
         """The run config as it ran: with the seed, output dir and task the plan resolved."""
         from omegaconf import OmegaConf
@@ -137,23 +186,26 @@ class JobPlan:
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
                        for v in self.videos],
             "ranks": [{"rank": r.rank, "role": r.role, "components": list(r.components),
-                       "weight_bytes": dict(r.weight_bytes)} for r in self.ranks],
+                       "weight_bytes": dict(r.weight_bytes), "memory": memory.to_json()}
+                      for r, memory in zip(self.ranks, self.memory)],
         }
 
     def table(self) -> str:
         """The plan for a person: the layout, then one row per rank."""
         gib = 2**30
+        memory = self.memory
         lines = [f"{self.family} {self.task}, {self.folder}",
                  f"{self.world_size} rank(s) on {self.device_type}: {self.dims.describe()}; "
                  f"latents {tuple(self.latent.shape)} = {self.num_tokens} DiT tokens; "
                  f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}"
                  + ("; DiT sharded over the DiT ranks (FSDP2)" if self.fsdp else ""),
                  f"{len(self.videos)} video(s) into {self.out_dir}", "",
-                 f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11}"]
+                 f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11} {'peak GiB':>9}"]
         for r in self.ranks:
             held = ", ".join(f"{name} ({self.components[name].dtype}".replace("torch.", "") + ")"
                              for name in r.components)
-            lines.append(f"{r.rank:>4}  {r.role:<17} {held:<42} {sum(r.weight_bytes.values()) / gib:>11.3f}")
+            lines.append(f"{r.rank:>4}  {r.role:<17} {held:<42} {sum(r.weight_bytes.values()) / gib:>11.3f} "
+                         f"{memory[r.rank].peak / gib:>9.3f}")
         return "\n".join(lines)
 
 
