@@ -25,15 +25,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# The repository (for wan_dist) and this folder (for hydra_errors), also when run through runpy.
-sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
 from wan_dist.cpu_affinity import pin_cpu_rank  # noqa: E402
-from hydra_errors import check_schema_keys, composition_error_line  # noqa: E402  (beside this file)
 from wan_dist.checks import validate_run  # noqa: E402
 from wan_dist.config import RunConfig, register_configs  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
+from wan_dist.hydra_errors import check_schema_keys, composition_error_line  # noqa: E402
 from wan_dist.plan import build_plan, write_plan  # noqa: E402
 from wan_dist.runner import generate  # noqa: E402
 from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .attention import choose_kernel, device_capability, installed_kernel_libraries
-from .building import model_folder
+from .building import dit_num_heads, model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import SWITCHES, RunConfig
 from .errors import ConfigError, fail
@@ -223,15 +223,17 @@ def build_plan(
     facts = validate_run(run)
     out_dir = Path(out_dir)
     run = copy.deepcopy(run)
-    if rank == 0:
-        model_folder(run.model)  # a built preset is built once, here, before the other ranks read it
-    problem = agree(_output_problem(out_dir) if rank == 0 else None)
+    # The layout first: a bad one is refused before a built preset is built (its head count is known
+    # from the preset table until then).
+    dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=dit_num_heads(run.model),
+                                 guidance_scale=run.guidance_scale)
+    # Rank 0 finds out whether it can write the outputs, and only then builds a built preset, once, before
+    # the other ranks read it; the agreement is also what makes them wait for it.
+    problem = agree(_output_problem(out_dir) or _build_model(run) if rank == 0 else None)
     if problem:
         raise ConfigError(problem)
     folder = model_folder(run.model)
     vae_config, dit_config = read_component_config(folder, "vae"), read_component_config(folder, "transformer")
-    dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=int(dit_config["num_attention_heads"]),
-                                 guidance_scale=run.guidance_scale)
     shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
     num_tokens = shape.num_tokens(tuple(dit_config["patch_size"]))
     check_model_limits(run, vae_config, dit_config)
@@ -333,6 +335,10 @@ def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replic
             return False
         return replica_bytes > torch.cuda.get_device_properties(device).total_memory // 2
     return setting == "true"
+
+
+def _build_model(run: RunConfig) -> None:
+    model_folder(run.model)
 
 
 def _output_problem(out_dir: Path) -> str | None:

@@ -98,8 +98,12 @@ def test_jobs_compose_from_the_sweeps_config_dir(tmp_path):
     """A preset that only a `--config-dir` holds: every job (its own torchrun process) must find it too."""
     extra = tmp_path / "extra_conf"
     (extra / "model").mkdir(parents=True)
-    (extra / "model" / "tiny_short.yaml").write_text(
-        (ROOT / "conf" / "model" / "tiny.yaml").read_text().replace("num_frames: 9", "num_frames: 5"))
+    import yaml
+
+    from wan_dist.presets import MODEL_PRESETS
+
+    node = MODEL_PRESETS["tiny"].hydra_node()
+    (extra / "model" / "tiny_short.yaml").write_text("# @package _global_\n" + yaml.safe_dump({**node, "num_frames": 5}))
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "launch/generate.py", "-m", f"--config-dir={extra}", "model=tiny_short",
            "parallel=single", "steps=1,2", f"hydra.sweep.dir={sweep}"]

@@ -1,6 +1,7 @@
 """Hydra's and OmegaConf's composition errors (a misspelt key, an unknown preset, a value of the wrong
 type, an override that does not parse) said in the one line every other bad value gets. Used by the entry
-point only: the library raises ConfigError and never sees Hydra's errors."""
+point only (beside it in spirit; a module of the package so that jobs a launcher unpickles elsewhere find
+it): the library raises ConfigError and never sees Hydra's errors."""
 
 from __future__ import annotations
 
@@ -62,6 +63,6 @@ def check_schema_keys(cfg: Any) -> None:
     """Keys added with `+key=value` pass Hydra's struct check; refuse any the schema does not know."""
     from omegaconf import OmegaConf
 
-    from wan_dist.config import RunConfig
+    from .config import RunConfig
 
     OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg))
