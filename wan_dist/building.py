@@ -90,10 +90,32 @@ def build_transformer(spec: ModelSpec):
 
 
 def _random_components(spec: ModelSpec) -> dict[str, Any]:
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-    from transformers import (
-        CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel,
+    from diffusers import UniPCMultistepScheduler
+    from transformers import CLIPImageProcessor
+
+    components = _random_models(spec)
+    with torch.no_grad():
+        # At random init the attention outputs are a small part of each block's update; strengthen them
+        # so a mistake in how tokens or prompts are mixed shows clearly in the frames.
+        self_gain, cross_gain = spec.attn_out_gain
+        for block in components["transformer"].blocks:
+            block.attn1.to_out[0].weight.mul_(self_gain)
+            block.attn2.to_out[0].weight.mul_(cross_gain)
+    components["scheduler"] = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
     )
+    if spec.task == "i2v":
+        components["image_processor"] = CLIPImageProcessor(
+            crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
+            size={"shortest_edge": spec.clip_image_size},
+        )
+    return components
+
+
+def _random_models(spec: ModelSpec) -> dict[str, torch.nn.Module]:
+    """The spec's models with random weights (on the current default device: `meta` gives shapes only)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     text_encoder = UMT5EncoderModel(UMT5Config(
         vocab_size=128, d_model=spec.text_dim, d_kv=8, d_ff=spec.text_dim * 2, num_layers=spec.text_layers,
@@ -104,30 +126,13 @@ def _random_components(spec: ModelSpec) -> dict[str, Any]:
         base_dim=spec.vae_base_dim, z_dim=16, dim_mult=list(spec.vae_dim_mult), num_res_blocks=spec.vae_res_blocks,
         temperal_downsample=[False, True, True],
     ).eval()
-    i2v = spec.task == "i2v"
-    transformer = build_transformer(spec).eval()
-    self_gain, cross_gain = spec.attn_out_gain
-    with torch.no_grad():
-        # At random init the attention outputs are a small part of each block's update; strengthen them
-        # so a mistake in how tokens or prompts are mixed shows clearly in the frames.
-        for block in transformer.blocks:
-            block.attn1.to_out[0].weight.mul_(self_gain)
-            block.attn2.to_out[0].weight.mul_(cross_gain)
-    scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
-    )
-    components: dict[str, Any] = dict(text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-                                      transformer=transformer)
-    if i2v:
-        components["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+    models = dict(text_encoder=text_encoder, vae=vae, transformer=build_transformer(spec).eval())
+    if spec.task == "i2v":
+        models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2, num_hidden_layers=2,
             num_attention_heads=4, image_size=spec.clip_image_size, patch_size=spec.clip_patch_size,
         )).eval()
-        components["image_processor"] = CLIPImageProcessor(
-            crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
-            size={"shortest_edge": spec.clip_image_size},
-        )
-    return components
+    return models
 
 
 def cache_root() -> Path:
@@ -179,3 +184,61 @@ def dit_num_heads(model: ModelConfig) -> int:
     if folder is None:
         return MODEL_PRESETS[model.preset].spec.heads
     return int(read_component_config(folder, "transformer")["num_attention_heads"])
+
+
+# safetensors' names of the dtypes a shapes-only folder writes.
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def _write_shapes_only(module: torch.nn.Module, folder: Path) -> None:
+    """`module`'s config and a safetensors file whose header is the real one (names, dtypes, shapes,
+    offsets) and whose data is a hole in a sparse file: what the plan reads, at no disk cost."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "save_config"):
+        module.save_config(folder)
+    else:
+        module.config.save_pretrained(folder)
+    header, offset = {}, 0
+    for name, param in module.named_parameters():
+        size = param.numel() * param.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[param.dtype], "shape": list(param.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = folder / "model.safetensors"
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text)
+    os.truncate(path, 8 + len(text) + offset)
+
+
+def ensure_shapes_folder(preset: str) -> Path:
+    """A preset's architecture as a diffusers-format folder of configs and shapes-only weights (sparse
+    files): enough for the plan's weight bytes and memory model (launch/plan.py) without building, let
+    alone downloading, a 14B model. Not loadable: it holds no weights."""
+    spec = MODEL_PRESETS[preset].spec
+    folder = cache_root() / "models" / f"{preset}-shapes-v{TINY_FORMAT_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-shapes-", dir=_make_parent(folder)))
+    try:
+        with torch.device("meta"), _default_dtype(DTYPES_BY_NAME[spec.save_dtype]):
+            models = _random_models(spec)
+        index = {"_class_name": "WanImageToVideoPipeline" if spec.task == "i2v" else "WanPipeline"}
+        for name, model in models.items():
+            _write_shapes_only(model, tmp / name)
+            index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
+        (tmp / "model_index.json").write_text(json.dumps(index))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _make_parent(folder: Path) -> Path:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return folder.parent

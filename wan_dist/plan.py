@@ -45,6 +45,22 @@ ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
 
 
 @dataclass(frozen=True)
+class DeviceFacts:
+    """What the plan needs to know of the device: its kind, its compute capability (CUDA) and its memory.
+    Read from the device a run has; stated for a device a planner only imagines (launch/plan.py)."""
+
+    type: str
+    capability: tuple[int, int] | None = None
+    memory_bytes: int | None = None
+
+    @staticmethod
+    def of(device: torch.device) -> "DeviceFacts":
+        if device.type != "cuda":
+            return DeviceFacts(device.type)
+        return DeviceFacts("cuda", device_capability(device), torch.cuda.get_device_properties(device).total_memory)
+
+
+@dataclass(frozen=True)
 class ComponentPlan:
     """One model component: its compute dtype, the device kind it runs on and the ranks that hold it."""
 
@@ -215,12 +231,14 @@ def _identity(value: Any) -> Any:
 
 def build_plan(
     run: RunConfig, *, world_size: int, rank: int, device: torch.device, out_dir: str | Path, seed: int,
-    agree: Callable[[Any], Any] = _identity,
+    agree: Callable[[Any], Any] = _identity, facts_of_device: DeviceFacts | None = None,
 ) -> JobPlan:
     """Resolve `run` for this world. Called on every rank with the same arguments; `agree(value)` returns
     rank 0's `value` on every rank (the session's broadcast), used where only rank 0 can find out (the
-    output dir it will write, the model it builds on first use). Raises ConfigError on every rank alike."""
+    output dir it will write, the model it builds on first use). Raises ConfigError on every rank alike.
+    `facts_of_device` stands in for `device`'s own (a planner's imagined GPU)."""
     facts = validate_run(run)
+    device_facts = facts_of_device or DeviceFacts.of(device)
     out_dir = Path(out_dir)
     run = copy.deepcopy(run)
     # The layout first: a bad one is refused before a built preset is built (its head count is known
@@ -263,7 +281,7 @@ def build_plan(
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
-    kernel = choose_kernel(run.attention, capability=device_capability(device), dtype=dit_dtype,
+    kernel = choose_kernel(run.attention, capability=device_facts.capability, dtype=dit_dtype,
                            head_dim=int(dit_config["attention_head_dim"]), installed=installed_kernel_libraries())
     prompts = read_prompts(run)
     queued = run.prompts_file is not None
@@ -271,7 +289,7 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = _resolve_fsdp(run.parallel.fsdp, dims, device, components["dit"].weight_bytes)
+    fsdp = _resolve_fsdp(run.parallel.fsdp, dims, device_facts, components["dit"].weight_bytes)
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -320,7 +338,7 @@ def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: 
     return tuple(range(world_size))
 
 
-def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replica_bytes: int) -> bool:
+def _resolve_fsdp(setting: str, dims: ParallelDims, device: DeviceFacts, replica_bytes: int) -> bool:
     """`true` needs two DiT ranks to shard over; `auto` shards on a GPU that a DiT replica would fill more
     than half of (the rest is for activations, the VAE decode and the allocator), never on a CPU."""
     setting = str(setting).lower()
@@ -333,7 +351,7 @@ def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replic
     if setting == "auto":
         if device.type != "cuda" or not shardable:
             return False
-        return replica_bytes > torch.cuda.get_device_properties(device).total_memory // 2
+        return replica_bytes > device.memory_bytes // 2
     return setting == "true"
 
 
