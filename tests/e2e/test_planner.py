@@ -1,0 +1,37 @@
+"""launch/plan.py: per world size and GPU size, the layout that fits and each rank's memory, as JSON in
+the format DESIGN names; a real preset planned from its shapes alone (no download, no disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_planner_picks_what_fits(tmp_path):
+    out = tmp_path / "plan.json"
+    env = {**os.environ, "WAN_DIST_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "launch/plan.py", "model=t2v_14b", "plan.world_sizes=[1,2]", "plan.gpu_memory_gib=[24,80]",
+           f"plan.out={out}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {(r["world_size"], r["gpu_memory_gib"]): r for r in json.loads(out.read_text())}
+    for row in rows.values():
+        assert set(row) >= {"world_size", "gpu_memory_gib", "fits", "overrides", "ranks"}
+        for rank in row["ranks"]:
+            assert set(rank) >= {"rank", "role", "weights_bytes", "activations_bytes", "peak_bytes"}
+    # A 28.6 GB bf16 replica: never on one 24 GB card; on two of them only sharded.
+    assert not rows[(1, 24)]["fits"]
+    assert rows[(2, 24)]["fits"] and "parallel.fsdp=true" in rows[(2, 24)]["overrides"]
+    dit = [r["weights_bytes"]["dit"] for r in rows[(2, 24)]["ranks"] if "dit" in r["weights_bytes"]]
+    assert len(dit) == 2 and abs(dit[0] - dit[1]) < 0.01 * dit[0]
+    assert rows[(1, 80)]["fits"] and rows[(1, 80)]["overrides"] == []
+    # The architecture was planned from a folder of configs and header-only sparse weights.
+    folder = tmp_path / "cache" / "models" / "t2v_14b-shapes-v1"
+    weights = folder / "transformer" / "model.safetensors"
+    assert weights.stat().st_size > 28e9 and os.stat(weights).st_blocks * 512 < 1e6
+    assert "| 2 | 24 | yes |" in result.stdout
