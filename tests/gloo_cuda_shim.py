@@ -85,41 +85,38 @@ def staged_point_to_point(*, also_cpu: bool = False) -> Iterator[StagingCounts]:
         finally:
             inside.active = False
 
-    def isend(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not staged(tensor):
-            return originals["isend"](tensor, *args, **kwargs)
-        host = _host_copy(tensor).copy_(tensor)
-        counts.sent += 1
-        work = call(originals["isend"], host, args, kwargs)
-        return None if work is None else _StagedWork(work, host)
+    def staged_send(name: str) -> Callable[..., Any]:
+        original = originals[name]
 
-    def irecv(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not staged(tensor):
-            return originals["irecv"](tensor, *args, **kwargs)
-        host = _host_copy(tensor)
-        counts.received += 1
-        work = call(originals["irecv"], host, args, kwargs)
-        return None if work is None else _StagedWork(work, host, tensor)
+        def send(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not staged(tensor):
+                return original(tensor, *args, **kwargs)
+            host = _host_copy(tensor).copy_(tensor)
+            counts.sent += 1
+            work = call(original, host, args, kwargs)
+            # `send` returns once done; `isend` returns a work, which must keep the copy alive.
+            return None if work is None else _StagedWork(work, host)
 
-    def send(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        if not staged(tensor):
-            return originals["send"](tensor, *args, **kwargs)
-        host = _host_copy(tensor).copy_(tensor)
-        counts.sent += 1
-        return call(originals["send"], host, args, kwargs)
+        return functools.wraps(original)(send)
 
-    def recv(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> int:
-        if not staged(tensor):
-            return originals["recv"](tensor, *args, **kwargs)
-        host = _host_copy(tensor)
-        counts.received += 1
-        source = call(originals["recv"], host, args, kwargs)
-        tensor.copy_(host)
-        return source
+    def staged_receive(name: str) -> Callable[..., Any]:
+        original = originals[name]
 
-    replacements = {"isend": isend, "irecv": irecv, "send": send, "recv": recv}
-    for name, fn in replacements.items():
-        functools.update_wrapper(fn, originals[name])
+        def receive(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if not staged(tensor):
+                return original(tensor, *args, **kwargs)
+            host = _host_copy(tensor)
+            counts.received += 1
+            result = call(original, host, args, kwargs)
+            if name == "recv":  # done already; returns the source rank
+                tensor.copy_(host)
+                return result
+            return None if result is None else _StagedWork(result, host, tensor)
+
+        return functools.wraps(original)(receive)
+
+    replacements = {"isend": staged_send("isend"), "send": staged_send("send"),
+                    "irecv": staged_receive("irecv"), "recv": staged_receive("recv")}
     saved = [(module, name, getattr(module, name)) for module in _MODULES for name in _NAMES]
     for module in _MODULES:
         for name, fn in replacements.items():
