@@ -3,8 +3,8 @@ and ulysses compiled) in bf16, where only one GPU is at hand.
 
 Both ranks put their tensors on the same device; gloo's collectives take them as they are, and its
 point-to-point calls go through `tests.gloo_cuda_shim`. The reference is the same case run by one rank
-on the same device, in the same dtype, in the calling process. On a CPU the same code runs with host tensors standing in for
-device ones (the shim stages them too), so that it keeps working where no GPU is.
+on the same device, in the same dtype, in the calling process. On a CPU the same code runs with host
+tensors standing in for device ones (the shim stages them too), so that it keeps working where no GPU is.
 """
 
 from __future__ import annotations
