@@ -17,6 +17,10 @@ Steps:
 - tests_gpu (CUDA): `pytest -m gpu tests/gpu`, the one-GPU cases.
 - torchrun: the real entry point under torchrun, one rank (nccl with its device on a GPU), a run with
   compile=true, and a failing run that goes through the abort path.
+- two_ranks_one_gpu: two gloo ranks sharing the device against one rank (tests/two_ranks_one_gpu.py), the
+  tiny model in bf16: cfg, ulysses, ring, stage split and ulysses with compile=true; point-to-point
+  transfers staged through host memory (tests/gloo_cuda_shim.py). On a CPU the ring alone, host tensors
+  standing in for device ones.
 - bench (CUDA): launch/bench.py, the 1.3B architecture at 480x832x81 with random bf16 weights, a few
   steps, against diffusers' pipeline.
 """
@@ -36,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_S = 470  # the whole check, wheels included; the caller's limit is 8 minutes
-STEP_BUDGET_S = {"torchrun": 150, "tests_gpu": 150, "bench": 200}
+STEP_BUDGET_S = {"torchrun": 150, "tests_gpu": 150, "two_ranks_one_gpu": 120, "bench": 200}
 
 
 def install_wheels(wheels: Path, target: Path) -> dict[str, Any]:
@@ -224,6 +228,22 @@ def torchrun_runs(env: dict[str, str], tmp: Path, cuda: bool, budget_s: float) -
     return results
 
 
+def two_ranks_one_gpu(device, budget_s: float) -> dict[str, Any]:
+    """The tiny T2V model on two gloo ranks sharing `device`, each layout against one rank."""
+    from tests.two_ranks_one_gpu import LAYOUTS, compare_two_ranks_with_one
+    from wan_dist.building import build_tiny_model
+    from wan_dist.presets import ModelSpec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_model(Path(tmp) / "tiny", ModelSpec(task="t2v"))
+        cuda = device.type == "cuda"
+        # On a CPU the ring alone, within CI's time (tests/dist runs every layout there): its handoff and
+        # its ring steps take every path the shim stages (isend, irecv through P2POp, recv).
+        layouts = list(LAYOUTS) if cuda else ["ring"]
+        return compare_two_ranks_with_one(folder, Path(tmp) / "runs", device=device, layouts=layouts, compile=cuda,
+                                          budget_s=budget_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "gpu_check_out")))
@@ -269,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         step("tests_gpu", lambda: _run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu", "-p",
                                         "no:cacheprovider"], env, min(STEP_BUDGET_S["tests_gpu"], left() - 60)))
+    step("two_ranks_one_gpu",
+         lambda: two_ranks_one_gpu(device, min(STEP_BUDGET_S["two_ranks_one_gpu"], left() - 30)))
+    if cuda:
         bench_out = Path(tempfile.mkdtemp())
         step("bench", lambda: _run([sys.executable, "launch/bench.py", "--model", "t2v_1_3b", "--nproc", "1",
                                     "--layouts", "single", "--out", str(bench_out), "--", "steps=4"], env,
@@ -293,6 +316,13 @@ def render(summary: dict[str, Any]) -> str:
     for run in summary.get("torchrun", []) if isinstance(summary.get("torchrun"), list) else []:
         lines.append(f"torchrun {run['name']}: {'ok' if run['ok'] else 'FAILED'}, exit {run['exit']} (expected "
                      f"{run['expected_exit']}), {run['seconds']} s")
+    two_ranks = summary.get("two_ranks_one_gpu", {})
+    for row in two_ranks.get("cases", []):
+        staged = [c["sent"] + c["received"] for c in row["staged"]]
+        lines.append(f"two ranks {row['layout']:>16}: max {row['max_abs_err']:.2e} (tolerance "
+                     f"{two_ranks['tolerance']}), staged per rank {staged}: {'ok' if row['ok'] else 'FAILED'}")
+    if "error" in two_ranks:
+        lines.append(f"two ranks: {two_ranks['error']}")
     for name in ("tests_gpu", "bench"):
         if isinstance(summary.get(name), dict):
             tail = summary[name].get("log", summary[name].get("error", "")).strip().splitlines()[-1:]

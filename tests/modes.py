@@ -74,12 +74,18 @@ class Case:
                     vae_tiling=self.vae_tiling)
 
 
-def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str) -> list[dict | None]:
-    """Body of a spawned rank (the process group is already up): one session per case on that group."""
+def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,
+              device: torch.device | None = None) -> list[dict | None]:
+    """Body of a spawned rank (the process group is already up): one session per case on that group.
+    `device` defaults to GPU `rank` in an nccl world and to the CPU in a gloo one; gloo ranks that share
+    one GPU pass it."""
     env = RankEnv(rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1", master_port=0,
                   launcher="test")
-    # nccl worlds (the GPU tests) pin rank i to GPU i; gloo worlds run on the CPU.
-    device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device is None:
+        device = torch.device("cuda", rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        # Before the mesh is built: DeviceMesh picks a GPU by rank for a process that has not chosen one.
+        torch.cuda.set_device(device)
     session = Session(env=env, device=device)
     reports = []
     for case in cases:

@@ -30,4 +30,10 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     (failing,) = summary["torchrun"]
     assert failing["ok"] and failing["exit"] == 1, failing
     assert "torchrun failing: ok" in result.stdout
+    two_ranks = summary["two_ranks_one_gpu"]
+    assert two_ranks["ok"] and (two_ranks["device"], two_ranks["dtype"]) == ("cpu", "bf16"), two_ranks
+    (ring,) = two_ranks["cases"]
+    assert ring["layout"] == "ring" and ring["max_abs_err"] <= two_ranks["tolerance"], ring
+    # Host tensors stand in for device ones: both ranks' transfers went through the shim's host copies.
+    assert all(counts["sent"] > 0 and counts["received"] > 0 for counts in ring["staged"]), ring
     assert seconds < 60, f"the CPU mode took {seconds:.0f} s"
