@@ -10,8 +10,9 @@ The same overrides as launch/generate.py, plus `plan.world_sizes` (default [1,2,
 architecture's shapes alone (a folder of configs and header-only weights, no download). Settings given
 explicitly (a preset, degrees, `parallel.fsdp`, `parallel.vae_decode`) are kept; the planner fills only
 what is left open, in this order, each step only if the previous does not fit: the `parallel=auto` layout
-unsharded; the DiT sharded over the DiT ranks (FSDP2); also the VAE decode in bands over every rank; a
-stage split (the VAE alone on rank 0) with the DiT sharded. A layout fits when every rank's predicted peak
+unsharded; the DiT sharded over the DiT ranks (FSDP2); also the VAE decode in bands over every rank; all
+ranks on the sequence axes (usp) instead of a cfg axis, sharded, with the bands; a stage split (the VAE
+alone on rank 0) with the DiT sharded. A layout fits when every rank's predicted peak
 is within 90% of the GPU's memory (the rest for the CUDA context and the allocator's fragmentation).
 """
 
@@ -38,6 +39,9 @@ STEPS = (
     ((), []),
     (("parallel.fsdp",), ["parallel.fsdp=true"]),
     (("parallel.fsdp", "parallel.vae_decode"), ["parallel.fsdp=true", "parallel.vae_decode=patch"]),
+    # Every rank on the sequence instead of a cfg axis: each holds 1/W of the tokens' activations.
+    (("parallel", "parallel.cfg_degree", "parallel.fsdp", "parallel.vae_decode"),
+     ["parallel=usp", "parallel.fsdp=true", "parallel.vae_decode=patch"]),
     (("parallel", "parallel.stage_split", "parallel.fsdp"), ["parallel=stage_split", "parallel.fsdp=true"]),
 )
 
