@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -145,18 +146,15 @@ def _tiny_folder(preset: str) -> Path:
     return cache_root() / "models" / f"{preset}{suffix}-v{TINY_FORMAT_VERSION}"
 
 
-def ensure_tiny_model(preset: str) -> Path:
-    """A preset's folder with random weights of its architecture (presets.MODEL_PRESETS), built once;
-    concurrent builders race harmlessly (atomic rename)."""
-    spec = MODEL_PRESETS[preset].spec
-    folder = _tiny_folder(preset)
+def _build_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """`folder`, written by `write` into a temp folder beside it and renamed into place on first use:
+    concurrent builders race harmlessly (the rename is atomic; a loser finds the winner's folder)."""
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=folder.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        log.info("building the %s model into %s (first use)", preset, folder)
-        build_tiny_model(tmp, spec)
+        write(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -165,6 +163,17 @@ def ensure_tiny_model(preset: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def ensure_tiny_model(preset: str) -> Path:
+    """A preset's folder with random weights of its architecture (presets.MODEL_PRESETS), built once."""
+    folder = _tiny_folder(preset)
+
+    def write(tmp: Path) -> None:
+        log.info("building the %s model into %s (first use)", preset, folder)
+        build_tiny_model(tmp, MODEL_PRESETS[preset].spec)
+
+    return _build_once(folder, write)
 
 
 def model_folder(model: ModelConfig) -> Path:
@@ -217,11 +226,8 @@ def ensure_shapes_folder(preset: str) -> Path:
     files): enough for the plan's weight bytes and memory model (launch/plan.py) without building, let
     alone downloading, a 14B model. Not loadable: it holds no weights."""
     spec = MODEL_PRESETS[preset].spec
-    folder = cache_root() / "models" / f"{preset}-shapes-v{TINY_FORMAT_VERSION}"
-    if (folder / "model_index.json").is_file():
-        return folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-shapes-", dir=_make_parent(folder)))
-    try:
+
+    def write(tmp: Path) -> None:
         with torch.device("meta"), _default_dtype(DTYPES_BY_NAME[spec.save_dtype]):
             models = _random_models(spec)
         index = {"_class_name": "WanImageToVideoPipeline" if spec.task == "i2v" else "WanPipeline"}
@@ -229,16 +235,5 @@ def ensure_shapes_folder(preset: str) -> Path:
             _write_shapes_only(model, tmp / name)
             index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index))
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
-
-def _make_parent(folder: Path) -> Path:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    return folder.parent
+    return _build_once(cache_root() / "models" / f"{preset}-shapes-v{TINY_FORMAT_VERSION}", write)
