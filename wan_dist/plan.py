@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,9 @@ from .building import model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import SWITCHES, RunConfig
 from .errors import ConfigError, fail
-from .loading import component_weight_bytes, read_component_config, resolve_dtype
+from .loading import (
+    STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, read_component_config, resolve_dtype,
+)
 from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, latent_shape
 from .text_encoding import cpu_encoder_dtype, cpu_flags
@@ -49,6 +51,10 @@ class ComponentPlan:
     device: str
     ranks: tuple[int, ...]
     weight_bytes: int  # the whole component in `dtype`, from its safetensors headers
+    # The DiT's: fp8 for the layers layerwise casting stores so (the bytes above count them so); None: all
+    # in `dtype`. `offload`: its blocks in CPU memory, streamed to the device.
+    storage_dtype: torch.dtype | None = None
+    offload: bool = False
 
     @property
     def subfolder(self) -> str:
@@ -126,7 +132,9 @@ class JobPlan:
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
                        "describe": self.dims.describe()},
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
-                                  "ranks": list(c.ranks), "weight_bytes": c.weight_bytes}
+                                  "ranks": list(c.ranks), "weight_bytes": c.weight_bytes,
+                                  "storage_dtype": str(c.storage_dtype or c.dtype).removeprefix("torch."),
+                                  "offload": c.offload}
                            for name, c in self.components.items()},
             "kernels": dict(self.kernels), "fsdp": self.fsdp,
             "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
@@ -196,11 +204,15 @@ def build_plan(
     }
     if facts.task == "i2v":
         wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
+    storage_dtype, offload = _dit_storage(run, device)
+    stored = layerwise_cast_parameters(folder, storage_dtype) if storage_dtype else None
     components = {
         name: ComponentPlan(name=name, dtype=dtype, device=where.type, ranks=ranks,
-                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype))
+                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype,
+                                                                stored=stored if name == "dit" else None))
         for name, (dtype, where, ranks) in wanted.items()
     }
+    components["dit"] = replace(components["dit"], storage_dtype=storage_dtype, offload=offload)
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
@@ -212,7 +224,7 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = _resolve_fsdp(run.parallel.fsdp, dims, device, components["dit"].weight_bytes)
+    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims, device, components["dit"].weight_bytes)
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -221,7 +233,7 @@ def build_plan(
         role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
         held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
         if fsdp and "dit" in held:
-            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype,
+            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype, stored=stored,
                                                  shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
         ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
     return JobPlan(
@@ -231,6 +243,19 @@ def build_plan(
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )
+
+
+def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """fp8 storage runs wherever torch casts fp8 (CPU and CUDA alike). Block offload streams to a CUDA
+    device; FSDP2 already splits the weights, and its own CPU offload is not wired to the sharded load."""
+    model = run.model
+    if model.dit_offload == "block" and device.type != "cuda":
+        fail("model.dit_offload", model.dit_offload, f"none on {device.type}: block offload streams the DiT's "
+             "blocks from CPU memory to a CUDA device, and here the DiT already runs from CPU memory")
+    if model.dit_offload == "block" and str(run.parallel.fsdp).lower() == "true":
+        fail("model.dit_offload", model.dit_offload, "none with parallel.fsdp=true: each rank holds only its "
+             "shard already; use one or the other")
+    return STORAGE_DTYPES_BY_NAME.get(model.dit_storage_dtype), model.dit_offload == "block"
 
 
 def _resolve_fsdp(setting: str, dims: ParallelDims, device: torch.device, replica_bytes: int) -> bool:
