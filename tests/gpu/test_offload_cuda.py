@@ -29,6 +29,16 @@ def test_offloaded_run_gives_the_same_frames(t2v_folder, tmp_path):
     assert max_abs_error(frames["offload_fp8"], frames["fp8"]) <= 1e-6
 
 
+@pytest.fixture(scope="module")
+def deep_folder(tmp_path_factory):
+    """Eight blocks that outweigh the embeddings, unlike the tiny model's two: what offload saves shows."""
+    from wan_dist.building import build_tiny_model
+    from wan_dist.presets import ModelSpec
+
+    return build_tiny_model(tmp_path_factory.mktemp("deep"), ModelSpec(task="t2v", heads=2, head_dim=64, layers=8,
+                                                                      ffn_dim=512))
+
+
 def _device_bytes(rank: int, world_size: int, folder: str) -> dict:
     from wan_dist.loading import load_transformer, parameter_bytes
     from wan_dist.parallelize import parallelize_dit
@@ -63,12 +73,12 @@ def _device_bytes(rank: int, world_size: int, folder: str) -> dict:
     return found
 
 
-def test_offload_keeps_the_weights_off_the_device(t2v_folder):
-    found = run_on_ranks(1, _device_bytes, str(t2v_folder), backend="nccl", timeout=300)[0]
+def test_offload_keeps_the_weights_off_the_device(deep_folder):
+    found = run_on_ranks(1, _device_bytes, str(deep_folder), backend="nccl", timeout=300)[0]
     plain, offloaded = found[False], found[True]
     assert plain["on_device"] == plain["replica"] and offloaded["on_device"] == 0
     # The no-offload peak counts activations only (the weights were there before); the offloaded one also
-    # the blocks in flight: still below activations plus a whole replica.
-    assert offloaded["peak"] < plain["peak"] + plain["replica"]
+    # the blocks in flight (the current one and the next) and the embeddings: well under half a replica.
+    assert offloaded["peak"] < plain["peak"] + plain["replica"] / 2
     print(f"CUDA peak over a forward: offloaded {offloaded['peak']} B, resident replica {plain['replica']} B + "
           f"{plain['peak']} B")
