@@ -12,7 +12,8 @@ explicitly (a preset, degrees, `parallel.fsdp`, `parallel.vae_decode`) are kept;
 what is left open, in this order, each step only if the previous does not fit: the `parallel=auto` layout
 unsharded; the DiT sharded over the DiT ranks (FSDP2); also the VAE decode in bands over every rank; all
 ranks on the sequence axes (usp) instead of a cfg axis, sharded, with the bands; a stage split (the VAE
-alone on rank 0) with the DiT sharded. A layout fits when every rank's predicted peak
+alone on rank 0) with the DiT sharded; usp with the DiT's blocks streamed from host memory (block offload,
+slower but lossless). A layout fits when every rank's predicted peak
 is within 90% of the GPU's memory (the rest for the CUDA context and the allocator's fragmentation).
 """
 
@@ -43,6 +44,9 @@ STEPS = (
     (("parallel", "parallel.cfg_degree", "parallel.fsdp", "parallel.vae_decode"),
      ["parallel=usp", "parallel.fsdp=true", "parallel.vae_decode=patch"]),
     (("parallel", "parallel.stage_split", "parallel.fsdp"), ["parallel=stage_split", "parallel.fsdp=true"]),
+    # Last: the DiT's blocks streamed from host memory (slower, still lossless).
+    (("parallel", "parallel.cfg_degree", "model.dit_offload", "parallel.vae_decode"),
+     ["parallel=usp", "model.dit_offload=block", "parallel.vae_decode=patch"]),
 )
 
 

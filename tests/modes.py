@@ -37,6 +37,8 @@ class Case:
     scheduler: str = "unipc"
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     dit_dtype: str = "auto"
+    dit_storage_dtype: str = "auto"
+    dit_offload: str = "none"
     embedding_cache: str | None = None
     attention: str = "auto"
     compile: bool = False
@@ -55,6 +57,7 @@ class Case:
         run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
         run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
         run.model.dit_dtype = self.dit_dtype
+        run.model.dit_storage_dtype, run.model.dit_offload = self.dit_storage_dtype, self.dit_offload
         run.embedding_cache = self.embedding_cache
         run.attention, run.compile = self.attention, self.compile
         run.output.dir = str(out_dir)
@@ -71,7 +74,7 @@ class Case:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
                     height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
                     guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora,
-                    vae_tiling=self.vae_tiling)
+                    vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,

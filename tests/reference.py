@@ -16,6 +16,7 @@ def reference_frames(
     folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None, height: int = 48,
     width: int = 80, num_frames: int = 9, steps: int = 3, guidance_scale: float = 5.0, flow_shift: float = 3.0,
     seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (), vae_tiling: bool = False,
+    dit_storage_dtype: str = "auto",
 ) -> np.ndarray:
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
     from diffusers import WanPipeline
@@ -35,6 +36,11 @@ def reference_frames(
     pipe.set_progress_bar_config(disable=True)
     if vae_tiling:
         pipe.vae.enable_tiling()
+    if dit_storage_dtype != "auto":
+        from wan_dist.loading import STORAGE_DTYPES_BY_NAME
+
+        pipe.transformer.enable_layerwise_casting(storage_dtype=STORAGE_DTYPES_BY_NAME[dit_storage_dtype],
+                                                  compute_dtype=torch.float32)
     kwargs = dict(
         prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
         num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",

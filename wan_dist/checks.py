@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ATTENTION_KERNELS, DEVICES, DTYPES, SCHEDULERS, SWITCHES, TASKS, VAE_SPLITS, RunConfig
+from .config import (
+    ATTENTION_KERNELS, DEVICES, DTYPES, OFFLOADS, SCHEDULERS, STORAGE_DTYPES, SWITCHES, TASKS, VAE_SPLITS, RunConfig,
+)
 from .errors import ConfigError, fail
 from .loading import PICKLE_SUFFIXES, read_lora_state_dict, read_safetensors_header
 from .parallel_dims import check_degrees
@@ -191,6 +193,10 @@ def validate_run(run: RunConfig) -> RunFacts:
     for key in ("dit_dtype", "vae_dtype", "text_encoder_dtype"):
         if getattr(m, key) not in DTYPES:
             fail(f"model.{key}", getattr(m, key), f"one of {', '.join(DTYPES)}")
+    if m.dit_storage_dtype not in STORAGE_DTYPES:
+        fail("model.dit_storage_dtype", m.dit_storage_dtype, f"one of {', '.join(STORAGE_DTYPES)}")
+    if m.dit_offload not in OFFLOADS:
+        fail("model.dit_offload", m.dit_offload, f"one of {', '.join(OFFLOADS)}")
     if m.text_encoder_device not in DEVICES:
         fail("model.text_encoder_device", m.text_encoder_device, f"one of {', '.join(DEVICES)}")
 

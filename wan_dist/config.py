@@ -17,6 +17,9 @@ from .errors import ConfigError  # noqa: F401  (re-exported: the error every che
 from .presets import LAYOUTS, MODEL_PRESETS, PARALLEL_PRESETS, Sampling
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+# How the DiT's weights are stored between uses: `auto` in the compute dtype, or fp8 cast per layer.
+STORAGE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
+OFFLOADS = ("none", "block")
 DEVICES = ("cpu", "gpu")
 SCHEDULERS = ("unipc", "euler")
 SWITCHES = ("auto", "true", "false")
@@ -33,6 +36,12 @@ class ModelConfig:
     # given here must agree with it.
     task: str | None = None
     dit_dtype: str = "auto"
+    # DiT weights stored in fp8 and cast per layer to dit_dtype for compute (diffusers' layerwise casting,
+    # the model's own skip patterns): lossy, half a bf16 replica's bytes.
+    dit_storage_dtype: str = "auto"
+    # `block`: the DiT's blocks kept in pinned CPU memory and streamed to the GPU one block ahead of use
+    # (diffusers' group offloading); for a card smaller than the DiT.
+    dit_offload: str = "none"
     vae_dtype: str = "fp32"
     # Tiled VAE decode (and I2V encode), diffusers' enable_tiling: bounded memory at 720p and above.
     vae_tiling: bool = False

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 DTYPES_BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+STORAGE_DTYPES_BY_NAME = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # safetensors' dtype names, as its headers state them, and the bytes per element of each.
 _SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -194,6 +195,15 @@ def build_transformer_on_meta(folder: Path, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
+def layerwise_cast_parameters(folder: Path, storage_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The DiT parameters diffusers' layerwise casting stores in `storage_dtype` (the leaf layers outside
+    the model's skip patterns), found by applying it to the architecture on the meta device: its own
+    rule, never restated here."""
+    model = build_transformer_on_meta(folder, torch.float32)
+    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
+    return {name: storage_dtype for name, p in model.named_parameters() if p.dtype == storage_dtype}
+
+
 # The classes each weight component is read with, and the parameters each keeps in fp32 whatever dtype it
 # is loaded in (diffusers keeps `_keep_in_fp32_modules` for every dtype; transformers only for fp16).
 def _keeps_fp32(component: str, dtype: torch.dtype) -> tuple[str, ...]:
@@ -241,11 +251,13 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtype,
-                           shard: tuple[int, int] | None = None, prefix: str = "") -> int:
+                           shard: tuple[int, int] | None = None, stored: dict[str, torch.dtype] | None = None,
+                           prefix: str = "") -> int:
     """The bytes a component's parameters take once loaded in `dtype`, from its safetensors headers alone
-    (no tensor is read): floating tensors in `dtype` unless the model class keeps them in fp32, the others
-    as stored; with `shard=(rank, ranks)`, only the rows FSDP2 gives that rank; with `prefix`, only the
-    tensors whose names start with it. Pickle-only components are sized from their files."""
+    (no tensor is read): floating tensors in `dtype` unless the model class keeps them in fp32 or `stored`
+    names another dtype for them (layerwise_cast_parameters), the others as stored; with
+    `shard=(rank, ranks)`, only the rows FSDP2 gives that rank; with `prefix`, only the tensors whose
+    names start with it. Pickle-only components are sized from their files."""
     keep = _keeps_fp32(component, dtype)
     files = sorted((Path(folder) / component).glob("*.safetensors"))
     if not files:
@@ -261,7 +273,9 @@ def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtyp
                 start, end = shard_rows(shape[0], *shard)
                 shape[0] = end - start
             numel = math.prod(shape)
-            if info["dtype"].startswith(("F", "BF")):
+            if stored and name in stored:
+                element = stored[name].itemsize
+            elif info["dtype"].startswith(("F", "BF")):
                 element = 4 if any(k in name.split(".") for k in keep) else dtype.itemsize
             else:
                 element = _SAFETENSORS_DTYPE_BYTES[info["dtype"]]

@@ -3,9 +3,11 @@
 Order: the attention kernel (diffusers' backend for every attention that does not go through USP), the
 context cache (cross-attention keys and values once per prompt), the sequence split (hooks from the
 declarative plan and the USP self-attention processor), FSDP2 (each block and the root sharded over the
-DiT ranks, the next block's all-gather prefetched), then compilation, which traces the hooks and
-processors installed before it. With FSDP the model is parallelized on the meta device and its shards
-filled afterwards (loading.load_transformer_sharded), so no rank ever holds a replica.
+DiT ranks, the next block's all-gather prefetched), fp8 storage (diffusers' layerwise casting), block
+offload (diffusers' group offloading), then compilation, which traces the hooks and processors installed
+before it. With FSDP the model is parallelized on the meta device and its shards filled afterwards
+(loading.load_transformer_sharded), so no rank ever holds a replica; fp8 storage set on the meta shards
+makes the shards, and so the all-gathers, fp8.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
+
+from diffusers.hooks import HookRegistry, ModelHook
 
 from .attention import DIFFUSERS_BACKENDS
 from .context_cache import ContextCache, cache_context_kv
@@ -31,11 +35,26 @@ class DitHandle:
     _backends: list[tuple[object, object]] = field(default_factory=list)
     _active_backend: object | None = None
     _compiled: list[torch.nn.Module] = field(default_factory=list)
+    _offloaded: torch.nn.Module | None = None
 
     def remove(self) -> None:
+        """Everything but FSDP2's sharding and fp8 storage, which cannot come off: casting the weights
+        back would not bring back the precision fp8 lost (diffusers' casting hook refuses it too), so a
+        model stored in fp8 keeps its casting hooks and stays usable. After block offload, the weights
+        stay in CPU memory."""
         for block in self._compiled:
             # nn.Module.compile() keeps the compiled call here; None is what an uncompiled module has.
             block._compiled_call_impl = None
+        if self._offloaded is not None:
+            from diffusers.hooks.group_offloading import (
+                _GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING,
+            )
+
+            # The hooks diffusers itself takes off before offloading a model again.
+            registry = HookRegistry.check_if_exists_or_initialize(self._offloaded)
+            for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+                registry.remove_hook(name, recurse=True)
+            self._offloaded = None
         for part in reversed(self.parts):
             part.remove()
         for processor, backend in self._backends:
@@ -66,6 +85,9 @@ def _shard(transformer: torch.nn.Module, mesh: DeviceMesh) -> None:
     already under way. Sharding cannot be taken off again: the handle leaves it in place."""
     from torch.distributed.fsdp import fully_shard
 
+    # FSDP2 wants one dtype per unit among parameters that train; inference trains none, and a block holds
+    # bf16 (or fp8) layers beside the fp32 ones the class keeps.
+    transformer.requires_grad_(False)
     blocks = list(transformer.blocks)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
@@ -73,6 +95,53 @@ def _shard(transformer: torch.nn.Module, mesh: DeviceMesh) -> None:
     fully_shard(transformer, mesh=mesh, reshard_after_forward=True)
     for block, following in zip(blocks, blocks[1:]):
         block.set_modules_to_forward_prefetch([following])
+
+
+class _KeepGatheredWeights(ModelHook):
+    """Under FSDP2 a layer's weights, while its block runs, are views of the block's all-gather buffer,
+    which FSDP frees after the block and fills again next time. Layerwise casting swaps each weight's data
+    for a compute-dtype copy before the layer and for a storage-dtype copy after it: the weight would then
+    no longer see the next all-gather, and its copy would outlive FSDP's free (over all blocks, a whole
+    fp8 replica). Registered after the casting hook, so around it: the gathered view is put back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathered: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs):
+        self.gathered = [(p, p.data) for p in module.parameters(recurse=False)]
+        return args, kwargs
+
+    def post_forward(self, module: torch.nn.Module, output):
+        for param, data in self.gathered:
+            param.data = data
+        self.gathered = []
+        return output
+
+
+def _store_in(transformer: torch.nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype,
+              sharded: bool) -> None:
+    """diffusers' layerwise casting as `enable_layerwise_casting` applies it (the model's own skip
+    patterns). On a sharded model it casts the meta shards, so FSDP2 stores and all-gathers fp8."""
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    transformer.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    if sharded:
+        for module in transformer.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(_LAYERWISE_CASTING_HOOK) is not None:
+                registry.register_hook(_KeepGatheredWeights(), "wan_dist_keep_gathered_weights")
+
+
+def _offload_blocks(transformer: torch.nn.Module, device: torch.device) -> None:
+    """diffusers' group offloading, one block a group: on CUDA the blocks sit in pinned CPU memory and the
+    next block is copied in on a side stream while the current one runs."""
+    from diffusers.hooks import apply_group_offloading
+
+    streamed = device.type == "cuda"
+    apply_group_offloading(transformer, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=streamed,
+                           non_blocking=streamed)
 
 
 def parallelize_dit(
@@ -84,12 +153,16 @@ def parallelize_dit(
     ring_group: dist.ProcessGroup,
     context_cache: bool = True,
     shard_mesh: DeviceMesh | None = None,
+    storage_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    offload: bool = False,
     compile_blocks: bool = False,
 ) -> DitHandle:
     """Apply, in order, the kernels (`kernels`: the plan's kernel per attention use), the context cache
     (not with compilation, whose traced blocks would bypass it), the sequence split over the ulysses x
-    ring groups (nothing when both have one rank), FSDP2 over `shard_mesh` (None: no sharding) and
-    per-block compilation."""
+    ring groups (nothing when both have one rank), FSDP2 over `shard_mesh` (None: no sharding), fp8
+    storage (`storage_dtype`, cast per layer to `compute_dtype`; None: none), block offload to the CPU with
+    `device` the onload device, and per-block compilation."""
     handle = DitHandle()
     if kernels["cross_attention"] != "sdpa":
         _set_backend(transformer, kernels["cross_attention"], handle)
@@ -101,6 +174,13 @@ def parallelize_dit(
                                              device=device, kernel=kernels["sequence_parallel"]))
     if shard_mesh is not None:
         _shard(transformer, shard_mesh)
+    if storage_dtype is not None:
+        if compute_dtype is None:
+            raise ValueError("storage_dtype needs the compute_dtype the layers are cast to")
+        _store_in(transformer, storage_dtype, compute_dtype, sharded=shard_mesh is not None)
+    if offload:
+        _offload_blocks(transformer, device)
+        handle._offloaded = transformer
     if compile_blocks:
         for block in transformer.blocks:
             block.compile()

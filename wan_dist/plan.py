@@ -14,7 +14,7 @@ import copy
 import functools
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,9 @@ from .building import dit_num_heads, model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import SWITCHES, RunConfig
 from .errors import ConfigError, fail
-from .loading import component_weight_bytes, read_component_config, resolve_dtype
+from .loading import (
+    STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, read_component_config, resolve_dtype,
+)
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
 )
@@ -69,6 +71,10 @@ class ComponentPlan:
     device: str
     ranks: tuple[int, ...]
     weight_bytes: int  # the whole component in `dtype`, from its safetensors headers
+    # The DiT's: fp8 for the layers layerwise casting stores so (the bytes above count them so); None: all
+    # in `dtype`. `offload`: its blocks in CPU memory, streamed to the device.
+    storage_dtype: torch.dtype | None = None
+    offload: bool = False
 
     @property
     def subfolder(self) -> str:
@@ -150,11 +156,13 @@ class JobPlan:
             + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
         cache = context_cache_bytes(dit_config, b, contexts=2 if self.guided and self.dims.cfg == 1 else 1,
                                     image=image) if self.config.context_cache and not self.config.compile else 0
-        gather = 0
-        if self.fsdp:
-            block = component_weight_bytes(self.folder, "transformer", dit.dtype, prefix="blocks.0.")
-            root = dit.weight_bytes - dit_config["num_layers"] * block
-            gather = 2 * block + root
+        # One block's and the root's weights as stored (fp8 where layerwise casting stores them).
+        stored = layerwise_cast_parameters(self.folder, dit.storage_dtype) if dit.storage_dtype else None
+        block = component_weight_bytes(self.folder, "transformer", dit.dtype, stored=stored, prefix="blocks.0.")
+        root = component_weight_bytes(self.folder, "transformer", dit.dtype, stored=stored) \
+            - dit_config["num_layers"] * block
+        # FSDP: the running block, the prefetched one and the root, gathered whole.
+        gather = 2 * block + root if self.fsdp else 0
         decoders = self.components["vae"].ranks
         frames_h_w = (self.latent.frames, self.latent.height, self.latent.width)
         if self.config.model.vae_tiling:
@@ -167,6 +175,10 @@ class JobPlan:
         for r in self.ranks:
             on_device = sum(b_ for name, b_ in r.weight_bytes.items()
                             if self.components[name].device == self.device_type)
+            if dit.offload and "dit" in r.weight_bytes:
+                # Block offload: the blocks live in host memory; the device holds the root, the block
+                # running and the one on its way.
+                on_device += 2 * block + root - r.weight_bytes["dit"]
             is_dit = self.dims.is_dit_rank(r.rank)
             decodes = r.rank in decoders and (r.rank == 0 or self.vae_decode == "patch")
             out.append(RankMemory(
@@ -193,7 +205,9 @@ class JobPlan:
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
                        "describe": self.dims.describe()},
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
-                                  "ranks": list(c.ranks), "weight_bytes": c.weight_bytes}
+                                  "ranks": list(c.ranks), "weight_bytes": c.weight_bytes,
+                                  "storage_dtype": str(c.storage_dtype or c.dtype).removeprefix("torch."),
+                                  "offload": c.offload}
                            for name, c in self.components.items()},
             "kernels": dict(self.kernels), "fsdp": self.fsdp, "vae_decode": self.vae_decode,
             "vae_encode": self.vae_encode,
@@ -273,11 +287,15 @@ def build_plan(
     }
     if facts.task == "i2v":
         wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
+    storage_dtype, offload = _dit_storage(run, device)
+    stored = layerwise_cast_parameters(folder, storage_dtype) if storage_dtype else None
     components = {
         name: ComponentPlan(name=name, dtype=dtype, device=where.type, ranks=ranks,
-                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype))
+                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype,
+                                                                stored=stored if name == "dit" else None))
         for name, (dtype, where, ranks) in wanted.items()
     }
+    components["dit"] = replace(components["dit"], storage_dtype=storage_dtype, offload=offload)
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
@@ -289,7 +307,7 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = _resolve_fsdp(run.parallel.fsdp, dims, device_facts, components["dit"].weight_bytes)
+    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims, device_facts, components["dit"].weight_bytes)
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -298,7 +316,7 @@ def build_plan(
         role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
         held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
         if fsdp and "dit" in held:
-            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype,
+            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype, stored=stored,
                                                  shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
         ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
     return JobPlan(
@@ -309,6 +327,19 @@ def build_plan(
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )
+
+
+def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """fp8 storage runs wherever torch casts fp8 (CPU and CUDA alike). Block offload streams to a CUDA
+    device; FSDP2 already splits the weights, and its own CPU offload is not wired to the sharded load."""
+    model = run.model
+    if model.dit_offload == "block" and device.type != "cuda":
+        fail("model.dit_offload", model.dit_offload, f"none on {device.type}: block offload streams the DiT's "
+             "blocks from CPU memory to a CUDA device, and here the DiT already runs from CPU memory")
+    if model.dit_offload == "block" and str(run.parallel.fsdp).lower() == "true":
+        fail("model.dit_offload", model.dit_offload, "none with parallel.fsdp=true: each rank holds only its "
+             "shard already; use one or the other")
+    return STORAGE_DTYPES_BY_NAME.get(model.dit_storage_dtype), model.dit_offload == "block"
 
 
 def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: dict, shape: LatentShape,

@@ -197,10 +197,12 @@ class DitStage:
         """`vae`: on a DiT rank other than rank 0 with vae_decode=patch, the VAE it decodes its band with,
         right after each video, together with rank 0."""
         self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
-        self.dtype = plan.components["dit"].dtype
+        dit = plan.components["dit"]
+        self.dtype = dit.dtype
         config, device = plan.config, session.device
         options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
                        ring_group=mesh.get_group("ring"), context_cache=config.context_cache,
+                       storage_dtype=dit.storage_dtype, compute_dtype=dit.dtype, offload=dit.offload,
                        compile_blocks=config.compile)
         with metrics.timed("load_s", device):
             if shard_mesh is not None:
@@ -211,8 +213,9 @@ class DitStage:
                                          shard_rank=plan.dims.dit_ranks.index(session.rank),
                                          shard_count=len(plan.dims.dit_ranks))
             else:
-                self.transformer = load_transformer(plan.folder, self.dtype, device,
-                                                    allow_pickle=config.model.allow_pickle)
+                # Offloaded, the DiT never goes to the device whole: the offload step places its parts.
+                self.transformer = load_transformer(plan.folder, self.dtype, torch.device("cpu") if dit.offload
+                                                    else device, allow_pickle=config.model.allow_pickle)
                 apply_loras(self.transformer, list(config.lora))
                 self.handle = parallelize_dit(self.transformer, **options)
             self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)

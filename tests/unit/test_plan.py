@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from wan_dist.building import model_folder  # noqa: F401  (the folder fixtures use the same builder)
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
 from wan_dist.loading import load_image_encoder, load_text_encoder, load_transformer, load_vae, parameter_bytes
