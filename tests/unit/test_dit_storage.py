@@ -12,7 +12,7 @@ from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
 from wan_dist.loading import STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters
 from wan_dist.loading import load_transformer, parameter_bytes
-from wan_dist.plan import build_plan
+from wan_dist.plan import DeviceFacts, build_plan
 
 CPU = torch.device("cpu")
 
@@ -76,5 +76,7 @@ def test_offload_with_fsdp_is_refused(tmp_path, t2v_folder):
     run.parallel.fsdp = "true"
     run.parallel.preset, run.guidance_scale = "cfg", 5.0
     with pytest.raises(ConfigError) as error:
-        build_plan(run, world_size=2, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0)
+        # A GPU the plan only imagines (this machine has none): an 80 GB Hopper.
+        build_plan(run, world_size=2, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0,
+                   facts_of_device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
     assert str(error.value).startswith("model.dit_offload='block' is not allowed: none with parallel.fsdp=true")
