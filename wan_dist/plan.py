@@ -141,7 +141,6 @@ class JobPlan:
         """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
         live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
         (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
-        from .loading import read_component_config
         from .vae_patch import decode_peak_bytes
 
         dit_config = read_component_config(self.folder, "transformer")
@@ -159,8 +158,7 @@ class JobPlan:
         # One block's and the root's weights as stored (fp8 where layerwise casting stores them).
         stored = layerwise_cast_parameters(self.folder, dit.storage_dtype) if dit.storage_dtype else None
         block = component_weight_bytes(self.folder, "transformer", dit.dtype, stored=stored, prefix="blocks.0.")
-        root = component_weight_bytes(self.folder, "transformer", dit.dtype, stored=stored) \
-            - dit_config["num_layers"] * block
+        root = dit.weight_bytes - dit_config["num_layers"] * block
         # FSDP: the running block, the prefetched one and the root, gathered whole.
         gather = 2 * block + root if self.fsdp else 0
         decoders = self.components["vae"].ranks
