@@ -13,7 +13,16 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from wan_dist.building import build_tiny_model  # noqa: E402
-from wan_dist.presets import ModelSpec  # noqa: E402
+from wan_dist.presets import WAN22_EXPERTS, WAN22_TI2V, ModelSpec  # noqa: E402
+
+# One tiny folder per model family and task beyond Wan2.1's T2V and I2V, awkward on purpose: experts of
+# different depths, the 48-channel VAE, two images' CLIP tokens.
+FAMILY_SPECS = {
+    "moe_t2v": ModelSpec(task="t2v", family=WAN22_EXPERTS, expert_layers=1, boundary_ratio=0.875),
+    "moe_i2v": ModelSpec(task="i2v", family=WAN22_EXPERTS, expert_layers=3, boundary_ratio=0.9),
+    "ti2v": ModelSpec(task="t2v", family=WAN22_TI2V),
+    "flf2v": ModelSpec(task="flf2v"),
+}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -48,13 +57,30 @@ def i2v_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def image_path(tmp_path_factory) -> Path:
+def family_folders(tmp_path_factory) -> dict[str, Path]:
+    """FAMILY_SPECS' folders, by name."""
+    root = tmp_path_factory.mktemp("families")
+    return {name: build_tiny_model(root / name, spec) for name, spec in FAMILY_SPECS.items()}
+
+
+def _random_image(tmp_path_factory, name: str, seed: int) -> Path:
     from PIL import Image
 
-    pixels = (np.random.RandomState(0).rand(50, 70, 3) * 255).astype(np.uint8)
-    path = tmp_path_factory.mktemp("image") / "input.png"
+    pixels = (np.random.RandomState(seed).rand(50, 70, 3) * 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("image") / name
     Image.fromarray(pixels).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def image_path(tmp_path_factory) -> Path:
+    return _random_image(tmp_path_factory, "input.png", 0)
+
+
+@pytest.fixture(scope="session")
+def last_image_path(tmp_path_factory) -> Path:
+    """FLF2V's last frame."""
+    return _random_image(tmp_path_factory, "last.png", 1)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,7 @@ class Case:
     ulysses: int = 1
     stage_split: bool = False
     image: str | None = None
+    last_image: str | None = None
     prompt: str = "a lighthouse at dusk, waves"
     negative_prompt: str = "blurry"
     prompts_file: str | None = None
@@ -34,6 +35,7 @@ class Case:
     num_frames: int = 9
     steps: int = 3
     guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None
     scheduler: str = "unipc"
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     dit_dtype: str = "auto"
@@ -52,6 +54,7 @@ class Case:
         run.model.preset = "tiny_i2v" if self.image else "tiny"
         run.model.path = self.folder
         run.prompt, run.negative_prompt, run.image = self.prompt, self.negative_prompt, self.image
+        run.last_image, run.guidance_scale_2 = self.last_image, self.guidance_scale_2
         run.prompts_file = self.prompts_file
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
         run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
@@ -72,6 +75,7 @@ class Case:
 
     def reference_kwargs(self) -> dict:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
+                    last_image=self.last_image, guidance_scale_2=self.guidance_scale_2,
                     height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
                     guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora,
                     vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)

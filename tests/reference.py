@@ -13,8 +13,9 @@ TOLERANCE = 1e-4
 
 @lru_cache(maxsize=32)
 def reference_frames(
-    folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None, height: int = 48,
-    width: int = 80, num_frames: int = 9, steps: int = 3, guidance_scale: float = 5.0, flow_shift: float = 3.0,
+    folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None,
+    last_image: str | None = None, height: int = 48, width: int = 80, num_frames: int = 9, steps: int = 3,
+    guidance_scale: float = 5.0, guidance_scale_2: float | None = None, flow_shift: float = 3.0,
     seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (), vae_tiling: bool = False,
     dit_storage_dtype: str = "auto",
 ) -> np.ndarray:
@@ -22,6 +23,7 @@ def reference_frames(
     from diffusers import WanPipeline
 
     cls = WanImageToVideoPipeline if image else WanPipeline
+    # A TI2V folder is saved as a WanPipeline; diffusers runs its image-to-video with the I2V class.
     pipe = cls.from_pretrained(folder, dtype=torch.float32)
     if scheduler == "euler":
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=flow_shift)
@@ -46,10 +48,14 @@ def reference_frames(
         num_inference_steps=steps, guidance_scale=guidance_scale, output_type="np",
         generator=torch.Generator("cpu").manual_seed(seed),
     )
+    if guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = guidance_scale_2
     if image:
         from diffusers.utils import load_image
 
         kwargs["image"] = load_image(image)
+        if last_image:
+            kwargs["last_image"] = load_image(last_image)
     with torch.no_grad():
         return pipe(**kwargs).frames[0].astype(np.float32)
 

@@ -21,7 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .loading import DTYPES_BY_NAME, read_component_config
-from .presets import MODEL_PRESETS, ModelSpec
+from .presets import DIT_SUBFOLDERS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
 from .text_encoding import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,20 @@ def _tiny_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder / "tokenizer")
 
 
+def pipeline_index(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
+    """The diffusers pipeline class a folder of `spec` is saved as, and the pipeline config keys that tell
+    its family apart (what checks.read_folder_facts reads back)."""
+    name = "WanImageToVideoPipeline" if spec.task in IMAGE_TASKS else "WanPipeline"
+    if spec.family == WAN22_EXPERTS:
+        return name, {"boundary_ratio": spec.boundary_ratio}
+    if spec.family == WAN22_TI2V:
+        return name, {"expand_timesteps": True}
+    return name, {}
+
+
 def build_tiny_model(folder: str | Path, spec: ModelSpec = ModelSpec()) -> Path:
-    """Write a deterministic random-weight Wan2.1 diffusers folder (T2V or I2V) to `folder`."""
-    from diffusers import WanImageToVideoPipeline, WanPipeline
+    """Write a deterministic random-weight Wan diffusers folder of `spec`'s family and task to `folder`."""
+    import diffusers
 
     folder = Path(folder)
     torch.manual_seed(spec.seed)
@@ -59,8 +70,8 @@ def build_tiny_model(folder: str | Path, spec: ModelSpec = ModelSpec()) -> Path:
         _tiny_tokenizer(Path(tmp))
         from transformers import AutoTokenizer
         components["tokenizer"] = AutoTokenizer.from_pretrained(Path(tmp) / "tokenizer")
-    pipeline_class = WanImageToVideoPipeline if spec.task == "i2v" else WanPipeline
-    pipeline_class(**components).save_pretrained(folder, safe_serialization=True)
+    class_name, pipeline_config = pipeline_index(spec)
+    getattr(diffusers, class_name)(**components, **pipeline_config).save_pretrained(folder, safe_serialization=True)
     (folder / "wan_dist_tiny.json").write_text(json.dumps({"version": TINY_FORMAT_VERSION, **asdict(spec)}))
     return folder
 
@@ -76,17 +87,31 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(saved)
 
 
-def build_transformer(spec: ModelSpec):
-    """The spec's WanTransformer3DModel, randomly initialised (on the current default device)."""
+def _latent_channels(spec: ModelSpec) -> int:
+    return 48 if spec.family == WAN22_TI2V else 16
+
+
+def _clip_tokens(spec: ModelSpec) -> int:
+    return (spec.clip_image_size // spec.clip_patch_size) ** 2 + 1
+
+
+def build_transformer(spec: ModelSpec, layers: int | None = None):
+    """The spec's WanTransformer3DModel (an expert of `layers` blocks), randomly initialised (on the
+    current default device)."""
     from diffusers import WanTransformer3DModel
 
-    i2v = spec.task == "i2v"
+    channels = _latent_channels(spec)
+    # Wan2.1's and Wan2.2 A14B's I2V DiTs take the condition's 4 mask and 16 latent channels beside the noise.
+    in_channels = channels + 20 if spec.task in IMAGE_TASKS and spec.family != WAN22_TI2V else channels
+    clip = spec.has_image_encoder
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=spec.heads, attention_head_dim=spec.head_dim,
-        in_channels=36 if i2v else 16, out_channels=16, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
-        ffn_dim=spec.ffn_dim, num_layers=spec.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=spec.rope_max_seq_len, image_dim=spec.clip_dim if i2v else None,
-        added_kv_proj_dim=spec.heads * spec.head_dim if i2v else None,
+        in_channels=in_channels, out_channels=channels, text_dim=spec.text_dim, freq_dim=spec.freq_dim,
+        ffn_dim=spec.ffn_dim, num_layers=layers or spec.layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=spec.rope_max_seq_len,
+        image_dim=spec.clip_dim if clip else None, added_kv_proj_dim=spec.heads * spec.head_dim if clip else None,
+        # FLF2V embeds the first and the last image's CLIP tokens side by side, with learned positions.
+        pos_embed_seq_len=2 * _clip_tokens(spec) if spec.task == "flf2v" else None,
     )
 
 
@@ -99,13 +124,14 @@ def _random_components(spec: ModelSpec) -> dict[str, Any]:
         # At random init the attention outputs are a small part of each block's update; strengthen them
         # so a mistake in how tokens or prompts are mixed shows clearly in the frames.
         self_gain, cross_gain = spec.attn_out_gain
-        for block in components["transformer"].blocks:
-            block.attn1.to_out[0].weight.mul_(self_gain)
-            block.attn2.to_out[0].weight.mul_(cross_gain)
+        for expert in DIT_SUBFOLDERS:
+            for block in components[expert].blocks if expert in components else ():
+                block.attn1.to_out[0].weight.mul_(self_gain)
+                block.attn2.to_out[0].weight.mul_(cross_gain)
     components["scheduler"] = UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
     )
-    if spec.task == "i2v":
+    if spec.has_image_encoder:
         components["image_processor"] = CLIPImageProcessor(
             crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
             size={"shortest_edge": spec.clip_image_size},
@@ -124,16 +150,31 @@ def _random_models(spec: ModelSpec) -> dict[str, torch.nn.Module]:
         eos_token_id=1, decoder_start_token_id=0,
     )).eval()
     vae = AutoencoderKLWan(
-        base_dim=spec.vae_base_dim, z_dim=16, dim_mult=list(spec.vae_dim_mult), num_res_blocks=spec.vae_res_blocks,
-        temperal_downsample=[False, True, True],
+        base_dim=spec.vae_base_dim, z_dim=_latent_channels(spec), dim_mult=list(spec.vae_dim_mult),
+        num_res_blocks=spec.vae_res_blocks, temperal_downsample=[False, True, True], **_wan22_vae(spec),
     ).eval()
     models = dict(text_encoder=text_encoder, vae=vae, transformer=build_transformer(spec).eval())
-    if spec.task == "i2v":
+    if spec.expert_layers:
+        models["transformer_2"] = build_transformer(spec, spec.expert_layers).eval()
+    if spec.has_image_encoder:
         models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2, num_hidden_layers=2,
             num_attention_heads=4, image_size=spec.clip_image_size, patch_size=spec.clip_patch_size,
         )).eval()
     return models
+
+
+def _wan22_vae(spec: ModelSpec) -> dict[str, Any]:
+    """Wan2.2's 48-channel VAE (TI2V): residual down/up blocks, 2x2 pixel patches in and out (16x spatial
+    compression in all), a wider decoder, and its own latent statistics (here: fixed, unequal per channel,
+    so a channel mix-up shows)."""
+    if spec.family != WAN22_TI2V:
+        return {}
+    channels = _latent_channels(spec)
+    return dict(decoder_base_dim=spec.vae_base_dim * 8 // 5, is_residual=True, in_channels=12, out_channels=12,
+                patch_size=2, scale_factor_spatial=16,
+                latents_mean=[round(0.05 * ((i * 7) % 11 - 5), 4) for i in range(channels)],
+                latents_std=[round(0.6 + 0.05 * ((i * 5) % 13), 4) for i in range(channels)])
 
 
 def cache_root() -> Path:
@@ -230,7 +271,8 @@ def ensure_shapes_folder(preset: str) -> Path:
     def write(tmp: Path) -> None:
         with torch.device("meta"), _default_dtype(DTYPES_BY_NAME[spec.save_dtype]):
             models = _random_models(spec)
-        index = {"_class_name": "WanImageToVideoPipeline" if spec.task == "i2v" else "WanPipeline"}
+        class_name, pipeline_config = pipeline_index(spec)
+        index = {"_class_name": class_name, **pipeline_config}
         for name, model in models.items():
             _write_shapes_only(model, tmp / name)
             index[name] = [type(model).__module__.split(".")[0], type(model).__name__]

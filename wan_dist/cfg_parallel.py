@@ -23,9 +23,12 @@ class GuidedNoise:
         image_embeds: torch.Tensor | None,
         guidance_scale: float,
         cfg_group: dist.ProcessGroup | None,
+        guided: bool | None = None,
     ) -> None:
+        """`guided`: whether to run the unconditional branch at all (default: guidance_scale > 1); a
+        two-expert model's low-noise expert follows the high-noise one's choice."""
         self.transformer = transformer
-        self.guided = guidance_scale > 1.0
+        self.guided = guidance_scale > 1.0 if guided is None else guided
         if self.guided and negative_prompt_embeds is None:
             raise ValueError("guidance needs the negative prompt's embeddings")
         self.guidance_scale = guidance_scale

@@ -10,42 +10,78 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any
+
 from .config import (
-    ATTENTION_KERNELS, DEVICES, DTYPES, OFFLOADS, SCHEDULERS, STORAGE_DTYPES, SWITCHES, TASKS, VAE_SPLITS, RunConfig,
+    ATTENTION_KERNELS, DEVICES, DTYPES, LORA_EXPERTS, lora_experts, OFFLOADS, SCHEDULERS, STORAGE_DTYPES, SWITCHES, TASKS,
+    VAE_SPLITS, RunConfig,
 )
 from .errors import ConfigError, fail
-from .loading import PICKLE_SUFFIXES, read_lora_state_dict, read_safetensors_header
+from .loading import PICKLE_SUFFIXES, read_component_config, read_lora_state_dict, read_safetensors_header
 from .parallel_dims import check_degrees
-from .presets import MODEL_PRESETS
+from .presets import DIT_SUBFOLDERS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
 from .video import output_names
 
 # diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
 PIPELINE_TASKS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
-# The components of a Wan2.1 folder that hold weights.
-WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "image_encoder")
+# The components of a Wan folder that hold weights.
+WEIGHT_COMPONENTS = (*DIT_SUBFOLDERS, "vae", "text_encoder", "image_encoder")
 
 
-def read_task_from_folder(path: str) -> str:
-    """The task of a diffusers-format Wan folder, from its model_index.json (no weights are read)."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
+@dataclass(frozen=True)
+class FolderFacts:
+    """What a diffusers-format Wan folder is, from its model_index.json and DiT config (no weights)."""
+
+    family: str
+    tasks: tuple[str, ...]  # one, or TI2V's two (t2v and i2v, by whether an image is given)
+    boundary_ratio: float | None = None  # two-expert models: where the low-noise expert takes over
+
+
+def _present(value: Any) -> bool:
+    return value not in (None, False, [None, None])
+
+
+def read_folder_facts(path: str | Path) -> FolderFacts:
+    """The family and tasks of a diffusers-format Wan folder, as diffusers' pipelines would run it: a
+    `transformer_2` with a `boundary_ratio` is Wan2.2's two-expert model, `expand_timesteps` its TI2V
+    model, anything else Wan2.1; an image pipeline whose DiT embeds two images' CLIP tokens is FLF2V."""
+    index_path = Path(path) / "model_index.json"
+    if not index_path.is_file():
         fail("model.path", path, "a diffusers-format folder with a model_index.json")
     try:
-        class_name = json.loads(index.read_text()).get("_class_name")
+        index = json.loads(index_path.read_text())
+        class_name = index.get("_class_name")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-        raise ConfigError(f"model.path={path!r} is not allowed: its model_index.json is not valid JSON "
+        raise ConfigError(f"model.path={str(path)!r} is not allowed: its model_index.json is not valid JSON "
                           f"({error})") from None
     if class_name not in PIPELINE_TASKS:
-        fail("model.path", path, f"a Wan2.1 folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, "
-              f"not {class_name!r}")
-    index_data = json.loads(index.read_text())
-    # Wan2.2's two-expert (transformer_2 / boundary_ratio) and TI2V (expand_timesteps) folders share the
-    # pipeline classes but sample differently; running them as Wan2.1 would be silently wrong.
-    wan22 = [key for key in ("transformer_2", "boundary_ratio", "expand_timesteps")
-             if index_data.get(key) not in (None, False, [None, None])]
-    if wan22:
-        fail("model.path", path, f"a Wan2.1 folder (this one has Wan2.2's {', '.join(wan22)})")
-    return PIPELINE_TASKS[class_name]
+        fail("model.path", path, f"a Wan folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, not {class_name!r}")
+    experts, boundary = _present(index.get("transformer_2")), index.get("boundary_ratio")
+    ti2v = _present(index.get("expand_timesteps"))
+    if experts != (boundary is not None) or (ti2v and experts):
+        fail("model.path", path, "a Wan folder diffusers runs one way: Wan2.1 (one transformer), Wan2.2 two-expert "
+             "(transformer_2 and boundary_ratio) or Wan2.2 TI2V (expand_timesteps); this one has "
+             f"transformer_2={index.get('transformer_2')}, boundary_ratio={boundary}, expand_timesteps={ti2v}")
+    if experts and not (isinstance(boundary, (int, float)) and 0 < boundary < 1):
+        fail("model.path", path, f"a two-expert folder whose boundary_ratio is between 0 and 1, not {boundary!r}")
+    task = PIPELINE_TASKS[class_name]
+    if ti2v:
+        return FolderFacts(WAN22_TI2V, ("t2v", "i2v"))
+    if experts:
+        return FolderFacts(WAN22_EXPERTS, (task,), float(boundary))
+    if task == "i2v":
+        try:
+            two_images = read_component_config(path, "transformer").get("pos_embed_seq_len") is not None
+        except (OSError, ValueError):
+            two_images = False  # check_model_folder names what is wrong with the folder
+        task = "flf2v" if two_images else task
+    return FolderFacts(WAN21, (task,))
+
+
+def preset_facts(preset: ModelPreset) -> FolderFacts:
+    """The family and tasks of a preset's architecture, as its folder will say (building.pipeline_index)."""
+    spec = preset.spec
+    return FolderFacts(spec.family, spec.tasks, spec.boundary_ratio)
 
 
 def check_model_folder(path: str, allow_pickle: bool) -> None:
@@ -118,35 +154,42 @@ def check_model_limits(run: RunConfig, vae_config: dict, dit_config: dict) -> No
                   f"embeddings (it gives {size})")
 
 
-def check_loras(run: RunConfig, dit_config: dict) -> None:
-    """Each LoRA fits this model's DiT: every layer it adapts exists with matching sizes. Reads the LoRA
-    files (small) and builds the DiT on the meta device, so no model weight is read."""
+def check_loras(run: RunConfig, dit_configs: list[dict]) -> None:
+    """Each LoRA fits the DiT (or each expert, `dit_configs` in expert order) it goes into: every layer it
+    adapts exists with matching sizes. Reads the LoRA files (small) and builds the DiTs on the meta device,
+    so no model weight is read."""
     if not run.lora:
         return
     import torch
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        modules = dict(WanTransformer3DModel.from_config(dit_config).named_modules())
+        expert_modules = [dict(WanTransformer3DModel.from_config(config).named_modules()) for config in dit_configs]
     for i, lora in enumerate(run.lora):
-        key = f"lora[{i}].path"
-        try:
-            state_dict = read_lora_state_dict(lora.path)
-        except Exception as error:  # the converters raise assorted errors on foreign layouts
-            fail(key, lora.path, f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
-        names = [name for name in state_dict if name.startswith("transformer.")]
-        if not names:
-            fail(key, lora.path, "a LoRA with Wan transformer weights (formats: diffusers, original Wan, musubi)")
-        for name in names:
-            layer, _, kind = name[len("transformer."):].rpartition(".lora_")
-            module, shape = modules.get(layer), tuple(state_dict[name].shape)
-            if kind not in ("A.weight", "B.weight"):
-                continue
-            expected = getattr(module, "in_features" if kind == "A.weight" else "out_features", None)
-            size = shape[1] if kind == "A.weight" else shape[0]
-            if module is None or expected != size:
-                fail(key, lora.path, f"a LoRA for this model: it adapts {layer} with size {size}, the model "
-                      f"{'has no such layer' if module is None else f'has {expected}'}")
+        for expert in lora_experts(lora.expert):
+            what = "this model" if len(dit_configs) == 1 else f"this model's {('high', 'low')[expert]}-noise expert"
+            _check_lora_fits(i, lora.path, expert_modules[expert], what)
+
+
+def _check_lora_fits(i: int, path: str, modules: dict[str, Any], what: str) -> None:
+    key = f"lora[{i}].path"
+    try:
+        state_dict = read_lora_state_dict(path)
+    except Exception as error:  # the converters raise assorted errors on foreign layouts
+        fail(key, path, f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
+    names = [name for name in state_dict if name.startswith("transformer.")]
+    if not names:
+        fail(key, path, "a LoRA with Wan transformer weights (formats: diffusers, original Wan, musubi)")
+    for name in names:
+        layer, _, kind = name[len("transformer."):].rpartition(".lora_")
+        module, shape = modules.get(layer), tuple(state_dict[name].shape)
+        if kind not in ("A.weight", "B.weight"):
+            continue
+        expected = getattr(module, "in_features" if kind == "A.weight" else "out_features", None)
+        size = shape[1] if kind == "A.weight" else shape[0]
+        if module is None or expected != size:
+            fail(key, path, f"a LoRA for {what}: it adapts {layer} with size {size}, the model "
+                 f"{'has no such layer' if module is None else f'has {expected}'}")
 
 
 @dataclass(frozen=True)
@@ -155,9 +198,11 @@ class RunFacts:
 
     task: str
     family: str
+    boundary_ratio: float | None = None
 
-
-FAMILY_WAN21 = "wan2.1"
+    @property
+    def experts(self) -> int:
+        return 2 if self.family == WAN22_EXPERTS else 1
 
 
 def validate_run(run: RunConfig) -> RunFacts:
@@ -180,16 +225,22 @@ def validate_run(run: RunConfig) -> RunFacts:
     if m.path:
         if not Path(m.path).is_dir():
             fail("model.path", m.path, "an existing local folder")
-        task = read_task_from_folder(m.path)
+        folder = read_folder_facts(m.path)
         check_model_folder(m.path, m.allow_pickle)
-        source = f"the folder's task, {task!r} (read from {m.path}/model_index.json)"
+        source = f"the folder's ({m.path}/model_index.json)"
+        if not preset.built and folder.family != preset.spec.family:
+            fail("model.path", m.path, f"a {preset.spec.family} folder for model={m.preset} (this one is "
+                 f"{folder.family}; pick its preset or leave model= at its default)")
     else:
-        task = preset.task
-        source = f"{task!r}, the task of model={m.preset}"
+        folder = preset_facts(preset)
+        source = f"model={m.preset}'s"
+    # TI2V does both: image-to-video when an image is given.
+    task = folder.tasks[0] if len(folder.tasks) == 1 else ("i2v" if run.image else "t2v")
     if m.task is not None and m.task not in TASKS:
         fail("model.task", m.task, f"one of {TASKS}")
     if m.task is not None and m.task != task:
-        fail("model.task", m.task, f"unset or {source}")
+        fail("model.task", m.task, f"unset or {source} task, {' or '.join(map(repr, folder.tasks))}"
+             + (" (with image= for i2v)" if len(folder.tasks) > 1 else ""))
     for key in ("dit_dtype", "vae_dtype", "text_encoder_dtype"):
         if getattr(m, key) not in DTYPES:
             fail(f"model.{key}", getattr(m, key), f"one of {', '.join(DTYPES)}")
@@ -234,20 +285,26 @@ def validate_run(run: RunConfig) -> RunFacts:
     if run.scheduler not in SCHEDULERS:
         fail("scheduler", run.scheduler, f"one of {', '.join(SCHEDULERS)}")
 
-    if task == "i2v":
-        if not run.image:
-            fail("image", run.image, "a path to an existing image file: the model is image-to-video")
-        if not Path(run.image).is_file():
-            fail("image", run.image, "a path to an existing image file")
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(run.image) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError) as error:
-            fail("image", run.image, f"an image file PIL can read ({error})")
+    if task in IMAGE_TASKS:
+        _check_image("image", run.image, "the model is image-to-video" if task == "i2v" else
+                     "the model makes a video from a first and a last frame")
     elif run.image:
         fail("image", run.image, "unset: the model is text-to-video (pass an image only to an i2v model)")
+    if task == "flf2v":
+        _check_image("last_image", run.last_image, "the model's DiT embeds a first and a last frame (FLF2V)")
+    elif run.last_image:
+        fail("last_image", run.last_image, "unset: only a first-last-frame model (FLF2V, e.g. model=flf2v_14b_720p) "
+             f"takes a last frame; this one is {folder.family} {task}")
+    if folder.family != WAN22_EXPERTS:
+        if run.guidance_scale_2 is not None:
+            fail("guidance_scale_2", run.guidance_scale_2, f"unset: only a two-expert model (Wan2.2 A14B) has a "
+                 f"low-noise expert to guide; this one is {folder.family}")
+        for i, lora in enumerate(run.lora):
+            if lora.expert is not None:
+                fail(f"lora[{i}].expert", lora.expert, f"unset: only a two-expert model (Wan2.2 A14B) has experts "
+                     f"to choose from; this one is {folder.family}")
+    elif run.guidance_scale_2 is not None and run.guidance_scale_2 < 0:
+        fail("guidance_scale_2", run.guidance_scale_2, "a number >= 0, or unset for guidance_scale's value")
 
     if run.prompts_file:
         if not Path(run.prompts_file).is_file():
@@ -262,6 +319,8 @@ def validate_run(run: RunConfig) -> RunFacts:
         if not str(lora.path).endswith(".safetensors"):
             fail(f"lora[{i}].path", lora.path, "a .safetensors file")
         _check_lora_keys(f"lora[{i}].path", lora.path)
+        if lora.expert is not None and lora.expert not in LORA_EXPERTS:
+            fail(f"lora[{i}].expert", lora.expert, f"one of {', '.join(LORA_EXPERTS)} (unset: high, as diffusers)")
     if run.output.dir is not None and Path(run.output.dir).exists() and not Path(run.output.dir).is_dir():
         fail("output.dir", run.output.dir, "a folder (it exists as a file)")
     if run.output.dir is not None and not run.output.overwrite:
@@ -275,4 +334,18 @@ def validate_run(run: RunConfig) -> RunFacts:
         fail("attention", run.attention, f"one of {', '.join(ATTENTION_KERNELS)}")
     if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
         fail("embedding_cache", run.embedding_cache, "a folder")
-    return RunFacts(task=task, family=FAMILY_WAN21)
+    return RunFacts(task=task, family=folder.family, boundary_ratio=folder.boundary_ratio)
+
+
+def _check_image(key: str, path: str | None, why: str) -> None:
+    if not path:
+        fail(key, path, f"a path to an existing image file: {why}")
+    if not Path(path).is_file():
+        fail(key, path, "a path to an existing image file")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError) as error:
+        fail(key, path, f"an image file PIL can read ({error})")

@@ -24,7 +24,14 @@ DEVICES = ("cpu", "gpu")
 SCHEDULERS = ("unipc", "euler")
 SWITCHES = ("auto", "true", "false")
 VAE_SPLITS = ("rank0", "patch")
-TASKS = ("t2v", "i2v")
+TASKS = ("t2v", "i2v", "flf2v")
+# Which expert of a two-expert model a LoRA goes into (diffusers: `load_into_transformer_2`).
+LORA_EXPERTS = ("high", "low", "both")
+
+
+def lora_experts(expert: str | None) -> tuple[int, ...]:
+    """The experts (0: high noise, the only one of a one-expert model; 1: low noise) a LoRA goes into."""
+    return {"low": (1,), "both": (0, 1)}.get(expert or "high", (0,))
 ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
 
 
@@ -83,6 +90,8 @@ class OutputConfig:
 class LoraConfig:
     path: str = MISSING
     scale: float = 1.0
+    # Two-expert models only: high, low or both (unset: high, as diffusers' load_lora_weights).
+    expert: str | None = None
 
 
 @dataclass
@@ -92,6 +101,8 @@ class RunConfig(Sampling):
     output: OutputConfig = field(default_factory=OutputConfig)
     prompt: str = "A red panda rides a bicycle through a sunlit bamboo forest."
     image: str | None = None
+    # FLF2V: the video's last frame (`image` is its first).
+    last_image: str | None = None
     prompts_file: str | None = None
     scheduler: str = "unipc"
     seed: int = 0

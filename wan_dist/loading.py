@@ -71,10 +71,11 @@ def load_image_encoder(folder: Path, dtype: torch.dtype, device: torch.device, *
     return model.to(device).eval(), processor
 
 
-def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False):
+def load_transformer(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pickle: bool = False,
+                     subfolder: str = "transformer"):
     from diffusers import WanTransformer3DModel
 
-    model = WanTransformer3DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype,
+    model = WanTransformer3DModel.from_pretrained(folder, subfolder=subfolder, dtype=dtype,
                                                   **_weights(allow_pickle))
     return model.to(device).eval()
 
@@ -139,7 +140,7 @@ def shard_rows(rows: int, rank: int, ranks: int) -> tuple[int, int]:
 
 
 def load_transformer_sharded(model: torch.nn.Module, folder: Path, dtype: torch.dtype, device: torch.device,
-                             *, shard_rank: int, shard_count: int) -> None:
+                             *, shard_rank: int, shard_count: int, subfolder: str = "transformer") -> None:
     """Fill a DiT that was built on the meta device and sharded with FSDP2 (dim 0 of every parameter over
     `shard_count` ranks): each parameter's local shard is read straight from its rows of the safetensors
     files, a memory-mapped slice at a time, so no rank ever holds more than its shard and one slice.
@@ -151,7 +152,7 @@ def load_transformer_sharded(model: torch.nn.Module, folder: Path, dtype: torch.
     params = dict(model.named_parameters())
     filled = set()
     with torch.no_grad():
-        for path in sorted((Path(folder) / "transformer").glob("*.safetensors")):
+        for path in sorted((Path(folder) / subfolder).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
                     local = _local(params[name])
@@ -162,7 +163,7 @@ def load_transformer_sharded(model: torch.nn.Module, folder: Path, dtype: torch.
                     filled.add(name)
         missing = sorted(set(params) - filled)
         if missing:
-            raise ValueError(f"{folder}/transformer holds no weights for {', '.join(missing[:3])}")
+            raise ValueError(f"{folder}/{subfolder} holds no weights for {', '.join(missing[:3])}")
         _rebuild_rotary_tables(model, device)
     model.eval()
 
@@ -177,13 +178,13 @@ def _rebuild_rotary_tables(model: torch.nn.Module, device: torch.device) -> None
         model.rope.get_buffer(name).copy_(buffer)
 
 
-def build_transformer_on_meta(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """The folder's DiT architecture on the meta device (no memory), in `dtype` with the parameters the
-    class keeps in fp32 kept so, as from_pretrained would load them."""
+def build_transformer_on_meta(folder: Path, dtype: torch.dtype, subfolder: str = "transformer") -> torch.nn.Module:
+    """The folder's DiT architecture (`subfolder`: the DiT or one expert) on the meta device (no memory),
+    in `dtype` with the parameters the class keeps in fp32 kept so, as from_pretrained would load them."""
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(read_component_config(folder, "transformer"))
+        model = WanTransformer3DModel.from_config(read_component_config(folder, subfolder))
     keep = _keeps_fp32("transformer", dtype)
     with torch.no_grad():
         for module_name, module in model.named_modules():
@@ -195,11 +196,12 @@ def build_transformer_on_meta(folder: Path, dtype: torch.dtype) -> torch.nn.Modu
     return model
 
 
-def layerwise_cast_parameters(folder: Path, storage_dtype: torch.dtype) -> dict[str, torch.dtype]:
+def layerwise_cast_parameters(folder: Path, storage_dtype: torch.dtype,
+                              subfolder: str = "transformer") -> dict[str, torch.dtype]:
     """The DiT parameters diffusers' layerwise casting stores in `storage_dtype` (the leaf layers outside
     the model's skip patterns), found by applying it to the architecture on the meta device: its own
     rule, never restated here."""
-    model = build_transformer_on_meta(folder, torch.float32)
+    model = build_transformer_on_meta(folder, torch.float32, subfolder)
     model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
     return {name: storage_dtype for name, p in model.named_parameters() if p.dtype == storage_dtype}
 
@@ -207,7 +209,7 @@ def layerwise_cast_parameters(folder: Path, storage_dtype: torch.dtype) -> dict[
 # The classes each weight component is read with, and the parameters each keeps in fp32 whatever dtype it
 # is loaded in (diffusers keeps `_keep_in_fp32_modules` for every dtype; transformers only for fp16).
 def _keeps_fp32(component: str, dtype: torch.dtype) -> tuple[str, ...]:
-    if component == "transformer":
+    if component.startswith("transformer"):  # the DiT and a two-expert model's second expert
         from diffusers import WanTransformer3DModel
 
         return tuple(WanTransformer3DModel._keep_in_fp32_modules or ())

@@ -70,6 +70,80 @@ class StepClock:
         return [b - a for a, b in pairwise(self.marks)]
 
 
+@dataclass(frozen=True)
+class Experts:
+    """Which model predicts the noise at each step: `high` while the timestep is at or above
+    `boundary_timestep`, `low` below it (Wan2.2's two experts, switched as diffusers switches them); a
+    one-expert model has only `high`."""
+
+    high: NoisePredictor
+    low: NoisePredictor | None = None
+    boundary_timestep: float | None = None
+
+    def at(self, t: torch.Tensor) -> NoisePredictor:
+        return self.high if self.boundary_timestep is None or t >= self.boundary_timestep else self.low
+
+
+class TextOnly:
+    """Text-to-video: the latents are the model input; one timestep for the whole video."""
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return t.expand(latents.shape[0])
+
+    def final(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+
+@dataclass(frozen=True)
+class ChannelCondition(TextOnly):
+    """Wan2.1 I2V/FLF2V and Wan2.2 I2V-A14B: the condition (mask channels + the VAE latent of the given
+    frames) concatenated to the latents on the channel dim."""
+
+    condition: torch.Tensor
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([latents, self.condition], dim=1)
+
+
+@dataclass(frozen=True)
+class TokenTimesteps(TextOnly):
+    """Wan2.2 TI2V (`expand_timesteps`): one timestep per DiT token, the step's timestep times a mask. For
+    image-to-video the first latent frame is the image's latent, its mask 0 (its tokens at timestep 0),
+    blended in before every step and at the end; for text-to-video the mask is all ones. As diffusers'
+    WanPipeline / WanImageToVideoPipeline compute it."""
+
+    mask: torch.Tensor  # (1, 1, latent frames, h, w), 0 where the image's latent stands
+    patch: tuple[int, int]  # the DiT's spatial patch: one token per patch
+    condition: torch.Tensor | None = None  # (1, C, 1, h, w): the image's latent, or None for text-to-video
+
+    @staticmethod
+    def of(shape: "LatentShape", patch: tuple[int, int], condition: torch.Tensor | None,
+           device: torch.device) -> "TokenTimesteps":
+        mask = torch.ones(1, 1, shape.frames, shape.height, shape.width, device=device)
+        if condition is not None:
+            mask[:, :, 0] = 0
+            condition = condition.to(device)
+        return TokenTimesteps(mask=mask, patch=patch, condition=condition)
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.final(latents)
+
+    def timestep(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        ph, pw = self.patch
+        return (self.mask[0][0][:, ::ph, ::pw] * t).flatten().unsqueeze(0).expand(latents.shape[0], -1)
+
+    def final(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.condition is None:
+            return latents
+        return (1 - self.mask) * self.condition + self.mask * latents
+
+
+Conditioning = TextOnly
+
+
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor
@@ -82,22 +156,21 @@ def denoise(
     latents: torch.Tensor,
     scheduler,
     steps: int,
-    predict_noise: NoisePredictor,
+    experts: Experts,
     model_dtype: torch.dtype,
-    condition: torch.Tensor | None = None,
+    conditioning: Conditioning = TextOnly(),
     show_progress: bool = True,
     description: str = "denoising",
 ) -> DenoiseResult:
-    """Wan2.1's sampling loop, step for step as diffusers' WanPipeline / WanImageToVideoPipeline run it:
-    model input in the DiT dtype (with the I2V condition concatenated on channels), latents kept in fp32,
-    the scheduler stepping on the guided noise."""
+    """Wan's sampling loop, step for step as diffusers' WanPipeline / WanImageToVideoPipeline run it: the
+    expert of the step's timestep, model input in the DiT dtype (conditioned as the model family
+    conditions), latents kept in fp32, the scheduler stepping on the guided noise."""
     scheduler.set_timesteps(steps, device=latents.device)
     scheduler.set_begin_index(0)
     clock = StepClock(latents.device)
     clock.mark()
     for t in tqdm(scheduler.timesteps, desc=description, disable=not show_progress, unit="step"):
-        model_input = latents if condition is None else torch.cat([latents, condition], dim=1)
-        noise = predict_noise(model_input.to(model_dtype), t.expand(latents.shape[0]))
+        noise = experts.at(t)(conditioning.model_input(latents).to(model_dtype), conditioning.timestep(t, latents))
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         clock.mark()
-    return DenoiseResult(latents=latents, step_seconds=clock.seconds())
+    return DenoiseResult(latents=conditioning.final(latents), step_seconds=clock.seconds())

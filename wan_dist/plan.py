@@ -23,7 +23,7 @@ import torch
 from .attention import choose_kernel, device_capability, installed_kernel_libraries
 from .building import dit_num_heads, model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
-from .config import SWITCHES, RunConfig
+from .config import SWITCHES, LoraConfig, RunConfig, lora_experts
 from .errors import ConfigError, fail
 from .loading import (
     STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, read_component_config, resolve_dtype,
@@ -33,6 +33,7 @@ from .memory import (
 )
 from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, latent_shape
+from .presets import IMAGE_TASKS
 from .text_encoding import cpu_encoder_dtype, cpu_flags
 from .video import output_names, write_json
 
@@ -40,7 +41,10 @@ from .video import output_names, write_json
 ENCODER_ROLE = "encoders+vae"
 DIT_ROLE = "dit"
 # Where each component's weights live in a diffusers-format folder.
-SUBFOLDERS = {"dit": "transformer", "vae": "vae", "text_encoder": "text_encoder", "image_encoder": "image_encoder"}
+SUBFOLDERS = {"dit": "transformer", "dit_2": "transformer_2", "vae": "vae", "text_encoder": "text_encoder",
+              "image_encoder": "image_encoder"}
+# The DiT, or a two-expert model's high-noise and low-noise experts, in the order the steps use them.
+EXPERTS = ("dit", "dit_2")
 # The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
 # cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
 ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
@@ -75,6 +79,7 @@ class ComponentPlan:
     # in `dtype`. `offload`: its blocks in CPU memory, streamed to the device.
     storage_dtype: torch.dtype | None = None
     offload: bool = False
+    loras: tuple[LoraConfig, ...] = ()  # a DiT's (an expert's): fused into its weights after loading
 
     @property
     def subfolder(self) -> str:
@@ -116,6 +121,7 @@ class JobPlan:
     vae_encode: str  # the same for the I2V condition encode
     latent: LatentShape
     num_tokens: int
+    boundary_ratio: float | None  # two-expert models: the low-noise expert runs below this share of timesteps
     negative_prompt: str | None  # None without guidance: there is no unconditional branch
     videos: tuple[VideoPlan, ...]
     out_dir: Path
@@ -129,6 +135,15 @@ class JobPlan:
     @property
     def is_queue(self) -> bool:
         return self.config.prompts_file is not None
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        """The DiT components: "dit", and "dit_2" for a two-expert model."""
+        return tuple(name for name in EXPERTS if name in self.components)
+
+    @property
+    def image_task(self) -> bool:
+        return self.task in IMAGE_TASKS
 
     def holds(self, rank: int, component: str) -> bool:
         return component in self.components and rank in self.components[component].ranks
@@ -149,18 +164,28 @@ class JobPlan:
         b = dtype_bytes(dit.dtype)
         sp = self.dims.ring * self.dims.ulysses
         local_tokens = -(-self.num_tokens // sp)
-        image = self.task == "i2v"
+        image = self.components.get("image_encoder") is not None
         activations = block_activation_bytes(dit_config, local_tokens, b, ulysses=self.dims.ulysses,
                                              ring=self.dims.ring) \
             + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
-        cache = context_cache_bytes(dit_config, b, contexts=2 if self.guided and self.dims.cfg == 1 else 1,
-                                    image=image) if self.config.context_cache and not self.config.compile else 0
-        # One block's and the root's weights as stored (fp8 where layerwise casting stores them).
-        stored = layerwise_cast_parameters(self.folder, dit.storage_dtype) if dit.storage_dtype else None
-        block = component_weight_bytes(self.folder, "transformer", dit.dtype, stored=stored, prefix="blocks.0.")
-        root = dit.weight_bytes - dit_config["num_layers"] * block
-        # FSDP: the running block, the prefetched one and the root, gathered whole.
-        gather = 2 * block + root if self.fsdp else 0
+        # Every expert keeps its own cache (its own cross-attention weights).
+        cache = len(self.experts) * context_cache_bytes(
+            dit_config, b, contexts=2 if self.guided and self.dims.cfg == 1 else 1, image=image) \
+            if self.config.context_cache and not self.config.compile else 0
+        # One block's and the root's weights of each expert as stored (fp8 where layerwise casting stores
+        # them); the experts share their widths, not always their depths.
+        block_and_root = {}
+        for name in self.experts:
+            expert = self.components[name]
+            stored = layerwise_cast_parameters(self.folder, expert.storage_dtype, expert.subfolder) \
+                if expert.storage_dtype else None
+            block = component_weight_bytes(self.folder, expert.subfolder, expert.dtype, stored=stored,
+                                           prefix="blocks.0.")
+            layers = read_component_config(self.folder, expert.subfolder)["num_layers"]
+            block_and_root[name] = (block, expert.weight_bytes - layers * block)
+        # FSDP: the running expert's block, the prefetched one and its root, gathered whole; one expert
+        # runs at a time.
+        gather = max(2 * block + root for block, root in block_and_root.values()) if self.fsdp else 0
         decoders = self.components["vae"].ranks
         frames_h_w = (self.latent.frames, self.latent.height, self.latent.width)
         if self.config.model.vae_tiling:
@@ -174,9 +199,10 @@ class JobPlan:
             on_device = sum(b_ for name, b_ in r.weight_bytes.items()
                             if self.components[name].device == self.device_type)
             if dit.offload and "dit" in r.weight_bytes:
-                # Block offload: the blocks live in host memory; the device holds the root, the block
-                # running and the one on its way.
-                on_device += 2 * block + root - r.weight_bytes["dit"]
+                # Block offload: the blocks live in host memory; the device holds each expert's root, and
+                # the block running and the one on its way.
+                on_device += max(2 * block for block, _ in block_and_root.values()) \
+                    + sum(root - r.weight_bytes[name] for name, (_, root) in block_and_root.items())
             is_dit = self.dims.is_dit_rank(r.rank)
             decodes = r.rank in decoders and (r.rank == 0 or self.vae_decode == "patch")
             out.append(RankMemory(
@@ -210,6 +236,7 @@ class JobPlan:
             "kernels": dict(self.kernels), "fsdp": self.fsdp, "vae_decode": self.vae_decode,
             "vae_encode": self.vae_encode,
             "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
+            "boundary_ratio": self.boundary_ratio,
             "seed": self.seed, "out_dir": str(self.out_dir),
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
                        for v in self.videos],
@@ -263,11 +290,14 @@ def build_plan(
     if problem:
         raise ConfigError(problem)
     folder = model_folder(run.model)
-    vae_config, dit_config = read_component_config(folder, "vae"), read_component_config(folder, "transformer")
+    experts = EXPERTS[:facts.experts]
+    vae_config = read_component_config(folder, "vae")
+    dit_configs = {name: read_component_config(folder, SUBFOLDERS[name]) for name in experts}
+    dit_config = dit_configs["dit"]
     shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
     num_tokens = shape.num_tokens(tuple(dit_config["patch_size"]))
     check_model_limits(run, vae_config, dit_config)
-    check_loras(run, dit_config)
+    check_loras(run, list(dit_configs.values()))
     check_sequence_length(dims, num_tokens)
 
     encoder_device = device if run.model.text_encoder_device == "gpu" else torch.device("cpu")
@@ -280,20 +310,24 @@ def build_plan(
         "text_encoder": (encoder_dtype, encoder_device, (0,)),
         # With a banded decode or encode every rank holds the VAE (fp32 at full size: about 0.5 GB).
         "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device,
-                _vae_ranks(run, world_size, dims, vae_config, shape, facts.task == "i2v")),
-        "dit": (dit_dtype, device, tuple(dims.dit_ranks)),
+                _vae_ranks(run, world_size, dims, vae_config, shape, facts.task in IMAGE_TASKS)),
+        **{name: (dit_dtype, device, tuple(dims.dit_ranks)) for name in experts},
     }
-    if facts.task == "i2v":
+    # Only Wan2.1's image DiTs take CLIP image embeddings (Wan2.2 has no image encoder).
+    if facts.task in IMAGE_TASKS and dit_config.get("image_dim") is not None:
         wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
     storage_dtype, offload = _dit_storage(run, device)
-    stored = layerwise_cast_parameters(folder, storage_dtype) if storage_dtype else None
+    stored = {name: layerwise_cast_parameters(folder, storage_dtype, SUBFOLDERS[name]) if storage_dtype else None
+              for name in experts}
     components = {
         name: ComponentPlan(name=name, dtype=dtype, device=where.type, ranks=ranks,
                             weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype,
-                                                                stored=stored if name == "dit" else None))
+                                                                stored=stored.get(name)))
         for name, (dtype, where, ranks) in wanted.items()
     }
-    components["dit"] = replace(components["dit"], storage_dtype=storage_dtype, offload=offload)
+    for index, name in enumerate(experts):
+        components[name] = replace(components[name], storage_dtype=storage_dtype, offload=offload,
+                                   loras=tuple(lora for lora in run.lora if index in lora_experts(lora.expert)))
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
@@ -305,7 +339,8 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims, device_facts, components["dit"].weight_bytes)
+    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims, device_facts,
+                                         sum(components[name].weight_bytes for name in experts))
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -313,15 +348,16 @@ def build_plan(
     for r in range(world_size):
         role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
         held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
-        if fsdp and "dit" in held:
-            held["dit"] = component_weight_bytes(folder, "transformer", dit_dtype, stored=stored,
-                                                 shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
+        for name in experts if fsdp and "dit" in held else ():
+            held[name] = component_weight_bytes(folder, SUBFOLDERS[name], dit_dtype, stored=stored[name],
+                                                shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
         ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
     return JobPlan(
         config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device.type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
-        vae_encode=run.parallel.vae_encode if facts.task == "i2v" else "rank0", latent=shape, num_tokens=num_tokens,
+        vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape,
+        num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio,
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )

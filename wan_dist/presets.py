@@ -17,13 +17,32 @@ WAN_NEGATIVE_PROMPT = (
 )
 
 
+# The model families, told apart by a folder's model_index.json (checks.read_folder_facts): Wan2.1 (one
+# DiT; T2V, I2V and FLF2V), Wan2.2's two-expert models (A14B: a high-noise and a low-noise DiT switched at
+# a boundary timestep) and Wan2.2's TI2V (one DiT over the 48-channel VAE, one timestep per token).
+WAN21 = "wan2.1"
+WAN22_EXPERTS = "wan2.2_moe"
+WAN22_TI2V = "wan2.2_ti2v"
+FAMILIES = (WAN21, WAN22_EXPERTS, WAN22_TI2V)
+# Where a folder keeps its DiTs: the one DiT, or the high-noise expert, then the low-noise expert.
+DIT_SUBFOLDERS = ("transformer", "transformer_2")
+# The tasks that take `image=` (and FLF2V also `last_image=`).
+IMAGE_TASKS = ("i2v", "flf2v")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Sizes of a random-weight Wan model built locally. The defaults are the tiny model: small enough that
     a CPU run takes seconds, with a head count (3) that divides by no parallel degree but 3, so uneven heads
     are the normal case."""
 
+    # t2v, i2v or flf2v (an i2v DiT that embeds two images); a TI2V model does both t2v and i2v.
     task: str = "t2v"
+    family: str = WAN21
+    # Two-expert models: the low-noise expert's depth (it may differ from `layers`, the high-noise one's)
+    # and where the experts switch, as a share of the training timesteps.
+    expert_layers: int | None = None
+    boundary_ratio: float | None = None
     heads: int = 3
     head_dim: int = 12
     layers: int = 2
@@ -44,16 +63,27 @@ class ModelSpec:
     save_dtype: str = "fp32"
     seed: int = 0
 
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks a folder of this architecture runs: a TI2V model both, by whether an image is given."""
+        return ("t2v", "i2v") if self.family == WAN22_TI2V else (self.task,)
 
-def _official(task: str, heads: int, layers: int, ffn_dim: int) -> ModelSpec:
-    """Wan2.1's published DiT and VAE dimensions; the text and image encoders are one-layer stand-ins of
-    the official widths (UMT5-XXL's 4096, CLIP ViT-H's 1280 at 224 px), which benchmarks keep on CPU."""
-    return ModelSpec(
-        task=task, heads=heads, head_dim=128, layers=layers, ffn_dim=ffn_dim, freq_dim=256,
-        rope_max_seq_len=1024, text_dim=4096, text_layers=1, clip_dim=1280, clip_image_size=224,
-        clip_patch_size=14, vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
-        attn_out_gain=(1.0, 1.0), save_dtype="bf16",
-    )
+    @property
+    def has_image_encoder(self) -> bool:
+        """Only Wan2.1's image DiTs take CLIP image embeddings; Wan2.2 conditions on the VAE latent alone."""
+        return self.family == WAN21 and self.task in IMAGE_TASKS
+
+
+def _official(task: str, heads: int, layers: int, ffn_dim: int, **changes) -> ModelSpec:
+    """The published DiT and VAE dimensions; the text and image encoders are one-layer stand-ins of the
+    official widths (UMT5-XXL's 4096, CLIP ViT-H's 1280 at 224 px), which benchmarks keep on CPU."""
+    return ModelSpec(**{
+        **dict(task=task, heads=heads, head_dim=128, layers=layers, ffn_dim=ffn_dim, freq_dim=256,
+               rope_max_seq_len=1024, text_dim=4096, text_layers=1, clip_dim=1280, clip_image_size=224,
+               clip_patch_size=14, vae_base_dim=96, vae_dim_mult=(1, 2, 4, 4), vae_res_blocks=2,
+               attn_out_gain=(1.0, 1.0), save_dtype="bf16"),
+        **changes,
+    })
 
 
 @dataclass
@@ -67,6 +97,8 @@ class Sampling:
     frame_rate: int = 16
     steps: int = 4
     guidance_scale: float = 5.0
+    # Two-expert models: the low-noise expert's guidance (unset: guidance_scale).
+    guidance_scale_2: float | None = None
     flow_shift: float = 3.0
     negative_prompt: str = ""
 
@@ -99,9 +131,14 @@ class ModelPreset:
 
 def _real(name: str, repo: str, spec: ModelSpec, bench_overrides: tuple[str, ...] | None = None,
           **sampling) -> ModelPreset:
-    return ModelPreset(name=name, description=f"Wan2.1 {name}: pass the local diffusers-format folder of {repo} "
-                       "as model.path", spec=spec, repo=repo, bench_overrides=bench_overrides,
-                       sampling=Sampling(num_frames=81, negative_prompt=WAN_NEGATIVE_PROMPT, **sampling))
+    sampling = {"num_frames": 81, "negative_prompt": WAN_NEGATIVE_PROMPT, **sampling}
+    return ModelPreset(name=name, description=f"{repo.split('/')[1].removesuffix('-Diffusers')}: pass the local "
+                       f"diffusers-format folder of {repo} as model.path", spec=spec, repo=repo,
+                       bench_overrides=bench_overrides, sampling=Sampling(**sampling))
+
+
+# The 14B DiT of Wan2.1 and of each Wan2.2 A14B expert.
+_14B = dict(heads=40, layers=40, ffn_dim=13824)
 
 
 _MODEL_PRESETS = (
@@ -124,6 +161,22 @@ _MODEL_PRESETS = (
           _official("i2v", heads=40, layers=40, ffn_dim=13824), height=480, width=832, steps=40),
     _real("i2v_14b_720p", "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
           _official("i2v", heads=40, layers=40, ffn_dim=13824), height=720, width=1280, steps=40, flow_shift=5.0),
+    # Wan2.1's generate.py: FLF2V samples 50 steps at shift 16.
+    _real("flf2v_14b_720p", "Wan-AI/Wan2.1-FLF2V-14B-720P-Diffusers", _official("flf2v", **_14B),
+          height=720, width=1280, steps=50, flow_shift=16.0),
+    # Wan2.2's configs (wan/configs/wan_t2v_A14B.py, wan_i2v_A14B.py, wan_ti2v_5B.py): steps, shift, the
+    # switch boundary and the (high, low) guidance.
+    _real("t2v_a14b", "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+          _official("t2v", family=WAN22_EXPERTS, expert_layers=40, boundary_ratio=0.875, **_14B),
+          height=720, width=1280, steps=40, flow_shift=12.0, guidance_scale=4.0, guidance_scale_2=3.0,
+          bench_overrides=("height=720", "width=1280", "num_frames=81", "steps=5")),
+    _real("i2v_a14b", "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+          _official("i2v", family=WAN22_EXPERTS, expert_layers=40, boundary_ratio=0.9, **_14B),
+          height=720, width=1280, steps=40, flow_shift=5.0, guidance_scale=3.5, guidance_scale_2=3.5),
+    _real("ti2v_5b", "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+          _official("t2v", family=WAN22_TI2V, heads=24, layers=30, ffn_dim=14336, vae_base_dim=160),
+          height=704, width=1280, num_frames=121, frame_rate=24, steps=50, guidance_scale=5.0, flow_shift=5.0,
+          bench_overrides=("height=704", "width=1280", "num_frames=121", "steps=5")),
 )
 MODEL_PRESETS: dict[str, ModelPreset] = {preset.name: preset for preset in _MODEL_PRESETS}
 

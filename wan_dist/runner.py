@@ -41,7 +41,7 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))
     vae = VaeWork(plan, session, metrics, vae_group) if plan.holds(rank, "vae") else None
     # I2V: the condition encode, on rank 0 or in bands over every rank, before anything else runs.
-    condition = vae.image_condition() if vae is not None and plan.task == "i2v" \
+    condition = vae.image_condition() if vae is not None and plan.image_task \
         and (rank == 0 or plan.vae_encode == "patch") else None
     encoder = EncoderStage(plan, session, handoff, metrics, vae, condition) if rank == 0 else None
     band_decoder = vae if rank != 0 and plan.vae_decode == "patch" else None

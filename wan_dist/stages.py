@@ -25,12 +25,13 @@ from .cfg_parallel import GuidedNoise
 from .decode import decode_latents
 from .loading import (
     apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
-    load_transformer_sharded, load_vae, parameter_bytes,
+    load_transformer_sharded, load_vae, parameter_bytes, read_component_config,
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
-from .pipeline import denoise, initial_noise
-from .plan import JobPlan
+from .pipeline import ChannelCondition, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
+from .plan import ComponentPlan, JobPlan
+from .presets import WAN22_TI2V
 from .session import Session
 from .stage_split import DitInputs, Handoff
 from .text_encoding import (
@@ -60,14 +61,17 @@ class VaeWork:
         metrics.hold("vae", parameter_bytes(self.vae))
 
     def image_condition(self) -> torch.Tensor | None:
-        """The I2V condition (on rank 0; None elsewhere), the image's rows in bands with vae_encode=patch."""
+        """The image-to-video condition (on rank 0; None elsewhere), the image's rows in bands with
+        vae_encode=patch."""
         from diffusers.utils import load_image
 
         config = self.plan.config
         with self.metrics.timed("encode_s"):
             return encode_image_condition(
                 load_image(config.image), self.vae, height=config.height, width=config.width,
-                num_frames=config.num_frames, group=self.group if self.plan.vae_encode == "patch" else None)
+                num_frames=config.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
+                first_frame_only=self.plan.family == WAN22_TI2V,
+                group=self.group if self.plan.vae_encode == "patch" else None)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray | None:
         """The frames on rank 0 (None elsewhere), decoded in bands with vae_decode=patch; its time and the
@@ -111,23 +115,24 @@ class EncoderStage:
         if not all(encoder.is_cached(t) for t in texts):
             encoder.model = load_model()
         self._encoder = encoder
-        self._image_inputs: dict[str, torch.Tensor] = {}
+        self._image_inputs: dict[str, torch.Tensor] = {"condition": condition} if plan.image_task else {}
         if "image_encoder" in plan.components:
-            self._image_inputs = {"image_embeds": self._embed_image(text_device, allow_pickle),
-                                  "condition": condition}
+            self._image_inputs["image_embeds"] = self._embed_image(text_device, allow_pickle)
         self._background: BackgroundEncoder | None = None
         self._results: Iterator | None = None
 
     def _embed_image(self, device: torch.device, allow_pickle: bool) -> torch.Tensor:
-        """The I2V image's CLIP embeddings, once for the whole queue."""
+        """The image's CLIP embeddings (FLF2V: the first and the last image's), once for the whole queue."""
         from diffusers.utils import load_image
 
+        config = self.plan.config
         with self.metrics.timed("load_s"):
             image_encoder, processor = load_image_encoder(
                 self.plan.folder, self.plan.components["image_encoder"].dtype, device, allow_pickle=allow_pickle)
         self.metrics.hold("image_encoder", parameter_bytes(image_encoder))
+        images = [load_image(path) for path in (config.image, config.last_image) if path]
         with self.metrics.timed("encode_s"):
-            embeds = encode_image_embeds(load_image(self.plan.config.image), image_encoder, processor)
+            embeds = encode_image_embeds(images if len(images) > 1 else images[0], image_encoder, processor)
         del image_encoder
         self.metrics.release("image_encoder")
         return embeds
@@ -197,40 +202,50 @@ class DitStage:
         """`vae`: on a DiT rank other than rank 0 with vae_decode=patch, the VAE it decodes its band with,
         right after each video, together with rank 0."""
         self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
-        dit = plan.components["dit"]
-        self.dtype = dit.dtype
-        config, device = plan.config, session.device
-        options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
-                       ring_group=mesh.get_group("ring"), context_cache=config.context_cache,
-                       storage_dtype=dit.storage_dtype, compute_dtype=dit.dtype, offload=dit.offload,
-                       compile_blocks=config.compile)
-        with metrics.timed("load_s", device):
-            if shard_mesh is not None:
-                # Parallelized on the meta device, then each rank reads only its own rows of the weights.
-                self.transformer = build_transformer_on_meta(plan.folder, self.dtype)
-                self.handle: DitHandle = parallelize_dit(self.transformer, shard_mesh=shard_mesh, **options)
-                load_transformer_sharded(self.transformer, plan.folder, self.dtype, device,
-                                         shard_rank=plan.dims.dit_ranks.index(session.rank),
-                                         shard_count=len(plan.dims.dit_ranks))
-            else:
-                # Offloaded, the DiT never goes to the device whole: the offload step places its parts.
-                self.transformer = load_transformer(plan.folder, self.dtype, torch.device("cpu") if dit.offload
-                                                    else device, allow_pickle=config.model.allow_pickle)
-                apply_loras(self.transformer, list(config.lora))
-                self.handle = parallelize_dit(self.transformer, **options)
+        self.dtype = plan.components["dit"].dtype
+        config = plan.config
+        # Each expert of a two-expert model is loaded and parallelized alike, with its own context cache.
+        self.transformers: list[torch.nn.Module] = []
+        self.handles: list[DitHandle] = []
+        with metrics.timed("load_s", session.device):
+            for name in plan.experts:
+                transformer, handle = self._load(plan.components[name], mesh, shard_mesh)
+                self.transformers.append(transformer)
+                self.handles.append(handle)
             self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)
-        metrics.hold("dit", parameter_bytes(self.transformer))
+        metrics.hold("dit", parameter_bytes(*self.transformers))
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
+
+    def _load(self, dit: ComponentPlan, mesh, shard_mesh) -> tuple[torch.nn.Module, DitHandle]:
+        plan, device = self.plan, self.session.device
+        options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
+                       ring_group=mesh.get_group("ring"), context_cache=plan.config.context_cache,
+                       storage_dtype=dit.storage_dtype, compute_dtype=dit.dtype, offload=dit.offload,
+                       compile_blocks=plan.config.compile)
+        if shard_mesh is not None:
+            # Parallelized on the meta device, then each rank reads only its own rows of the weights.
+            transformer = build_transformer_on_meta(plan.folder, dit.dtype, dit.subfolder)
+            handle = parallelize_dit(transformer, shard_mesh=shard_mesh, **options)
+            load_transformer_sharded(transformer, plan.folder, dit.dtype, device, subfolder=dit.subfolder,
+                                     shard_rank=plan.dims.dit_ranks.index(self.session.rank),
+                                     shard_count=len(plan.dims.dit_ranks))
+            return transformer, handle
+        # Offloaded, the DiT never goes to the device whole: the offload step places its parts.
+        transformer = load_transformer(plan.folder, dit.dtype, torch.device("cpu") if dit.offload else device,
+                                       allow_pickle=plan.config.model.allow_pickle, subfolder=dit.subfolder)
+        apply_loras(transformer, list(dit.loras))
+        return transformer, parallelize_dit(transformer, **options)
 
     def run(self) -> Iterator[None]:
         plan, device = self.plan, self.session.device
         for video in plan.videos:
             inputs = self.handoff.take_inputs()
             latents = self._denoise(inputs, description=f"video {video.index + 1}/{len(plan.videos)}")
-            if self.handle.context_cache is not None:
-                self.handle.context_cache.clear()  # this video's prompts are done: free their keys and values
+            for handle in self.handles:
+                if handle.context_cache is not None:
+                    handle.context_cache.clear()  # this video's prompts are done: free their keys and values
             if video.index == len(plan.videos) - 1:
                 self._release()
             self.handoff.hand_back(latents)
@@ -241,30 +256,45 @@ class DitStage:
             yield
 
     def _denoise(self, inputs: DitInputs, description: str) -> torch.Tensor:
-        device, dtype, config = self.session.device, self.dtype, self.plan.config
+        device, dtype, plan = self.session.device, self.dtype, self.plan
+        config = plan.config
 
         def to_dit(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
-        predictor = GuidedNoise(
-            self.transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
+        # Whether there is an unconditional branch is the high-noise guidance's call (diffusers'
+        # do_classifier_free_guidance); the low-noise expert combines the branches with its own scale.
+        scales = (config.guidance_scale, config.guidance_scale if config.guidance_scale_2 is None
+                  else config.guidance_scale_2)
+        predictors = [GuidedNoise(
+            transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
-            guidance_scale=config.guidance_scale, cfg_group=self.cfg_group,
-        )
+            guidance_scale=scale, guided=plan.guided, cfg_group=self.cfg_group,
+        ) for transformer, scale in zip(self.transformers, scales)]
+        boundary = None if plan.boundary_ratio is None \
+            else plan.boundary_ratio * self.scheduler.config.num_train_timesteps
         with self.metrics.timed("denoise_s", device):
             result = denoise(
-                latents=initial_noise(self.plan.latent, self.plan.seed, device), scheduler=self.scheduler,
-                steps=config.steps, predict_noise=predictor, model_dtype=dtype,
-                condition=None if inputs.condition is None else inputs.condition.to(device),
-                show_progress=self.session.rank == self.plan.dims.dit_leader, description=description,
+                latents=initial_noise(plan.latent, plan.seed, device), scheduler=self.scheduler,
+                steps=config.steps, experts=Experts(*predictors, boundary_timestep=boundary), model_dtype=dtype,
+                conditioning=self._conditioning(inputs.condition),
+                show_progress=self.session.rank == plan.dims.dit_leader, description=description,
             )
         self.metrics.step_seconds.append(result.step_seconds)
         return result.latents
 
+    def _conditioning(self, condition: torch.Tensor | None) -> TextOnly:
+        plan, device = self.plan, self.session.device
+        if plan.family == WAN22_TI2V:
+            patch = tuple(read_component_config(plan.folder, "transformer")["patch_size"][1:])
+            return TokenTimesteps.of(plan.latent, patch, condition, device)
+        return TextOnly() if condition is None else ChannelCondition(condition.to(device))
+
     def _release(self) -> None:
         """After the last video: the DiT's memory goes back before rank 0 (maybe this rank) decodes."""
-        self.handle.remove()
-        self.transformer = None
+        for handle in self.handles:
+            handle.remove()
+        self.transformers, self.handles = [], []
         self.metrics.release("dit")
         gc.collect()
 

@@ -210,10 +210,14 @@ def encode_image_embeds(image, image_encoder, image_processor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image_condition(image, vae, *, height: int, width: int, num_frames: int,
-                           group=None) -> torch.Tensor | None:
-    """The I2V conditioning latents (mask channels + VAE-encoded first frame), as diffusers'
-    WanImageToVideoPipeline.prepare_latents builds them. (1, 4 + z_dim, latent_frames, h, w), fp32, CPU.
+def encode_image_condition(image, vae, *, height: int, width: int, num_frames: int, last_image=None,
+                           first_frame_only: bool = False, group=None) -> torch.Tensor | None:
+    """The image-to-video conditioning latents, as diffusers' WanImageToVideoPipeline.prepare_latents
+    builds them, fp32, on the CPU:
+    - Wan2.1 I2V/FLF2V and Wan2.2 I2V-A14B: the video of the first frame (and with `last_image`, FLF2V, the
+      last), zeros between, VAE-encoded, behind 4 mask channels that mark the given frames:
+      (1, 4 + z_dim, latent_frames, h, w);
+    - Wan2.2 TI2V (`first_frame_only`): the first frame alone, VAE-encoded: (1, z_dim, 1, h, w).
     With a process `group` every rank of it encodes a band of rows (vae_patch.py, exact) and the result
     is on the group's rank 0, None on the others."""
     from diffusers.video_processor import VideoProcessor
@@ -221,9 +225,18 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
     temporal = vae.config.scale_factor_temporal
     spatial = vae.config.scale_factor_spatial
     device = next(vae.parameters()).device
-    pixels = VideoProcessor(vae_scale_factor=spatial).preprocess(image, height=height, width=width)
-    pixels = pixels.to(device, dtype=torch.float32).unsqueeze(2)
-    video = torch.cat([pixels, pixels.new_zeros(1, pixels.shape[1], num_frames - 1, height, width)], dim=2)
+    processor = VideoProcessor(vae_scale_factor=spatial)
+
+    def pixels_of(picture) -> torch.Tensor:
+        return processor.preprocess(picture, height=height, width=width).to(device, dtype=torch.float32).unsqueeze(2)
+
+    first = pixels_of(image)
+    if first_frame_only:
+        video = first
+    else:
+        given = [first] if last_image is None else [first, pixels_of(last_image)]
+        zeros = first.new_zeros(1, first.shape[1], num_frames - len(given), height, width)
+        video = torch.cat([given[0], zeros, *given[1:]], dim=2)
     if group is None:
         latent = vae.encode(video.to(vae.dtype)).latent_dist.mode()
     else:
@@ -233,11 +246,13 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
         if latent is None:
             return None
     latent = normalize_latents(latent.float(), vae.config)
+    if first_frame_only:
+        return latent.cpu()
 
     latent_frames, lh, lw = latent.shape[2:]
     mask = torch.ones(1, 1, num_frames, lh, lw)
-    mask[:, :, 1:] = 0
-    first = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
-    mask = torch.cat([first, mask[:, :, 1:]], dim=2)
+    mask[:, :, 1:num_frames - (last_image is not None)] = 0
+    first_mask = torch.repeat_interleave(mask[:, :, 0:1], dim=2, repeats=temporal)
+    mask = torch.cat([first_mask, mask[:, :, 1:]], dim=2)
     mask = mask.view(1, -1, temporal, lh, lw).transpose(1, 2)
     return torch.cat([mask.to(latent), latent], dim=1).cpu()

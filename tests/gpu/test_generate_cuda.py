@@ -104,7 +104,7 @@ def test_step_loop_never_waits_for_the_gpu(t2v_folder):
     from wan_dist.cfg_parallel import GuidedNoise
     from wan_dist.context_cache import cache_context_kv
     from wan_dist.loading import load_scheduler, load_transformer, read_component_config
-    from wan_dist.pipeline import denoise, initial_noise, latent_shape
+    from wan_dist.pipeline import Experts, denoise, initial_noise, latent_shape
 
     device = torch.device("cuda", 0)
     transformer = load_transformer(t2v_folder, torch.bfloat16, device)
@@ -116,13 +116,13 @@ def test_step_loop_never_waits_for_the_gpu(t2v_folder):
     shape = latent_shape(read_component_config(t2v_folder, "vae"), height=48, width=80, num_frames=9)
     latents = initial_noise(shape, 0, device)
     scheduler = load_scheduler(t2v_folder, "euler", 3.0)
-    denoise(latents=latents, scheduler=scheduler, steps=2, predict_noise=predictor, model_dtype=torch.bfloat16,
+    denoise(latents=latents, scheduler=scheduler, steps=2, experts=Experts(predictor), model_dtype=torch.bfloat16,
             show_progress=False)  # warm-up: kernels chosen, caches allocated
     context_cache.cache.clear()  # so that the checked loop both fills the context cache and hits it
     checked = _StepsOnly(load_scheduler(t2v_folder, "euler", 3.0))
     torch.cuda.set_sync_debug_mode("error")
     try:
-        result = denoise(latents=latents, scheduler=checked, steps=4, predict_noise=predictor,
+        result = denoise(latents=latents, scheduler=checked, steps=4, experts=Experts(predictor),
                          model_dtype=torch.bfloat16, show_progress=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -386,17 +386,6 @@ def test_seed_out_of_range(seed):
     refused(t2v_run(seed=seed), f"seed={seed}")
 
 
-@pytest.mark.parametrize("extra", [{"transformer_2": ["diffusers", "WanTransformer3DModel"]},
-                                   {"boundary_ratio": 0.875}, {"expand_timesteps": True}])
-def test_wan22_folder_refused(tmp_path, extra):
-    folder = write_index(tmp_path / "wan22", "WanPipeline")
-    index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, **extra}))
-    run = t2v_run()
-    run.model.path = str(folder)
-    refused(run, "model.path=", "Wan2.1", next(iter(extra)))
-
-
 def test_model_limits_from_the_folder_configs():
     from wan_dist.checks import check_model_limits
 
