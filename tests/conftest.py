@@ -89,12 +89,13 @@ def lora_path(tmp_path_factory, t2v_folder) -> Path:
     return write_random_lora(t2v_folder, tmp_path_factory.mktemp("lora") / "lora.safetensors")
 
 
-def write_random_lora(folder: Path, path: Path, rank: int = 4, seed: int = 1) -> Path:
+def write_random_lora(folder: Path, path: Path, rank: int = 4, seed: int = 1, subfolder: str = "transformer") -> Path:
+    """A random LoRA for the DiT in `subfolder` (`transformer_2`: a two-expert model's low-noise expert)."""
     from safetensors.torch import save_file
 
     from wan_dist.loading import read_component_config
 
-    config = read_component_config(folder, "transformer")
+    config = read_component_config(folder, subfolder)
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     generator = torch.Generator().manual_seed(seed)
     tensors = {}

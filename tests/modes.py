@@ -37,7 +37,7 @@ class Case:
     guidance_scale: float = 5.0
     guidance_scale_2: float | None = None
     scheduler: str = "unipc"
-    lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    lora: tuple[tuple, ...] = field(default_factory=tuple)  # (path, scale) or (path, scale, expert)
     dit_dtype: str = "auto"
     dit_storage_dtype: str = "auto"
     dit_offload: str = "none"
@@ -58,7 +58,8 @@ class Case:
         run.prompts_file = self.prompts_file
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
         run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
-        run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
+        run.lora = [LoraConfig(path=path, scale=scale, expert=expert[0] if expert else None)
+                    for path, scale, *expert in self.lora]
         run.model.dit_dtype = self.dit_dtype
         run.model.dit_storage_dtype, run.model.dit_offload = self.dit_storage_dtype, self.dit_offload
         run.embedding_cache = self.embedding_cache

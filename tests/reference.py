@@ -16,7 +16,7 @@ def reference_frames(
     folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None,
     last_image: str | None = None, height: int = 48, width: int = 80, num_frames: int = 9, steps: int = 3,
     guidance_scale: float = 5.0, guidance_scale_2: float | None = None, flow_shift: float = 3.0,
-    seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple[str, float], ...] = (), vae_tiling: bool = False,
+    seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple, ...] = (), vae_tiling: bool = False,
     dit_storage_dtype: str = "auto",
 ) -> np.ndarray:
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler, WanImageToVideoPipeline
@@ -30,11 +30,17 @@ def reference_frames(
     else:
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
     if lora:
-        names = []
-        for i, (path, _) in enumerate(lora):
-            pipe.load_lora_weights(path, adapter_name=f"ref_{i}")
-            names.append(f"ref_{i}")
-        pipe.set_adapters(names, [scale for _, scale in lora])
+        from wan_dist.config import lora_experts
+
+        # (path, scale) or (path, scale, expert): into the experts diffusers' load_into_transformer_2 picks.
+        adapters: dict[int, tuple[list[str], list[float]]] = {}
+        for i, (path, scale, *expert) in enumerate(lora):
+            for index in lora_experts(expert[0] if expert else None):
+                pipe.load_lora_weights(path, adapter_name=f"ref_{i}", load_into_transformer_2=index == 1)
+                adapters.setdefault(index, ([], []))[0].append(f"ref_{i}")
+                adapters[index][1].append(scale)
+        for index, (names, scales) in adapters.items():
+            (pipe.transformer, pipe.transformer_2)[index].set_adapters(names, scales)
     pipe.set_progress_bar_config(disable=True)
     if vae_tiling:
         pipe.vae.enable_tiling()

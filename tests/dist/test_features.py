@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import write_random_lora
 from tests.dist_utils import run_on_ranks
 from tests.modes import Case, run_cases
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
@@ -23,17 +24,23 @@ def prompts_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
+def feature_results(t2v_folder, lora_path, family_folders, prompts_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     folder = str(t2v_folder)
     lora = ((str(lora_path), 0.7),)
+    # Two experts of 2 and 1 blocks: a LoRA of 2 blocks into the high-noise one, one of 1 block into both.
+    moe = family_folders["moe_t2v"]
+    expert_loras = ((str(write_random_lora(moe, root / "high.safetensors", seed=2)), 0.7, "high"),
+                    (str(write_random_lora(moe, root / "low.safetensors", seed=3, subfolder="transformer_2")), 0.5,
+                     "both"))
     worlds = {
         1: [Case("lora", folder, lora=lora), Case("euler", folder, scheduler="euler"),
             Case("no_guidance", folder, guidance_scale=1.0), Case("queue_single", folder, prompts_file=str(prompts_file))],
         2: [Case("queue_stage_split", folder, stage_split=True, prompts_file=str(prompts_file)),
             Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0),
             # torch.compile'd blocks trace the sequence split's hooks and processor (inductor's CPU code).
-            Case("compiled_ulysses", folder, ulysses=2, compile=True)],
+            Case("compiled_ulysses", folder, ulysses=2, compile=True),
+            Case("expert_loras_ulysses", str(moe), ulysses=2, lora=expert_loras, guidance_scale_2=2.0)],
     }
     cache = str(root / "embeddings")
     worlds[1] += [Case("cache_cold", folder, embedding_cache=cache), Case("cache_warm", folder, embedding_cache=cache)]
@@ -45,7 +52,7 @@ def feature_results(t2v_folder, lora_path, prompts_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["lora", "euler", "no_guidance", "lora_cfg", "no_guidance_ulysses", "cache_cold",
-                                  "cache_warm", "compiled_ulysses"])
+                                  "cache_warm", "compiled_ulysses", "expert_loras_ulysses"])
 def test_feature_matches_diffusers(feature_results, name):
     case, out_dir = feature_results[name]
     error = max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **case.reference_kwargs()))
@@ -56,6 +63,15 @@ def test_lora_changes_the_video(feature_results):
     case, out_dir = feature_results["lora"]
     without = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": ()})
     assert max_abs_error(out_dir / "frames.npy", without) > 100 * TOLERANCE
+
+
+def test_an_expert_lora_goes_into_the_experts_it_names(feature_results):
+    """With the second LoRA in the high-noise expert only, diffusers gives other frames: ours went into
+    the low-noise expert too."""
+    case, out_dir = feature_results["expert_loras_ulysses"]
+    high_only = tuple((path, scale, "high") for path, scale, _ in case.lora)
+    other = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": high_only})
+    assert max_abs_error(out_dir / "frames.npy", other) > 100 * TOLERANCE
 
 
 @pytest.mark.parametrize("name", ["queue_single", "queue_stage_split"])

@@ -27,9 +27,37 @@ def _layouts(world: int) -> list[dict]:
     }[world]
 
 
+# The other families (tests/conftest.py FAMILY_SPECS), each in single and in layouts that cover every
+# axis, the stage split and FSDP: two experts of different depths (the low-noise one at its own guidance),
+# TI2V's per-token timesteps split with the tokens (at 96x160: 45 tokens, 3 per shard of 15 plus padding
+# for 2 and 4), FLF2V's two images.
+_SIZES = {"ti2v_t2v": dict(height=96, width=160), "ti2v_i2v": dict(height=96, width=160)}
+_FAMILY_LAYOUTS = {
+    1: [("moe_t2v", "single", {}), ("moe_i2v", "single", {}), ("ti2v_t2v", "single", {}),
+        ("ti2v_i2v", "single", {}), ("flf2v", "single", {})],
+    2: [("moe_t2v", "cfg", dict(cfg=2)), ("moe_t2v", "ulysses", dict(ulysses=2)),
+        ("moe_i2v", "cfg_fsdp", dict(cfg=2, fsdp=True)), ("ti2v_i2v", "ulysses", dict(ulysses=2)),
+        ("ti2v_t2v", "ring_fsdp", dict(ring=2, fsdp=True)), ("flf2v", "stage_split", dict(stage_split=True))],
+    3: [("moe_t2v", "ring3", dict(ring=3)), ("ti2v_i2v", "ring3", dict(ring=3)),
+        ("flf2v", "ulysses3", dict(ulysses=3)), ("moe_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2))],
+    4: [("moe_t2v", "usp_fsdp", dict(ulysses=2, ring=2, fsdp=True)), ("ti2v_t2v", "cfg_usp", dict(cfg=2, ulysses=2)),
+        ("moe_i2v", "stage_split_ulysses3", dict(stage_split=True, ulysses=3))],
+}
+
+
+def _family_case(folders: dict, image: str, last_image: str, model: str, layout: str, degrees: dict) -> Case:
+    folder = folders["ti2v" if model.startswith("ti2v") else model]  # TI2V: one folder for both tasks
+    images = dict(image=image) if model.endswith("i2v") else {}
+    if model == "flf2v":
+        images = dict(image=image, last_image=last_image)
+    extra = dict(guidance_scale_2=2.0) if model.startswith("moe") else {}
+    return Case(name=f"{model}_{layout}", folder=str(folder), **images, **_SIZES.get(model, {}), **extra, **degrees)
+
+
 @pytest.fixture(scope="module")
-def world_results(t2v_folder, i2v_folder, image_path, tmp_path_factory):
-    """Run every layout for T2V and I2V, one spawned world per size; returns {(task, name): out_dir}."""
+def world_results(t2v_folder, i2v_folder, family_folders, image_path, last_image_path, tmp_path_factory):
+    """Run every layout for T2V and I2V and the other families' layouts, one spawned world per size;
+    returns {name: (case, out_dir)}."""
     root = tmp_path_factory.mktemp("modes")
     results = {}
     for world in (1, 2, 3, 4):
@@ -38,6 +66,8 @@ def world_results(t2v_folder, i2v_folder, image_path, tmp_path_factory):
             for layout in _layouts(world):
                 layout = dict(layout, name=f"{task}_{layout['name']}")
                 cases.append(Case(folder=str(folder), image=image, **layout))
+        cases += [_family_case(family_folders, str(image_path), str(last_image_path), *entry)
+                  for entry in _FAMILY_LAYOUTS[world]]
         run_on_ranks(world, run_cases, cases, str(root), timeout=600)
         for case in cases:
             results[case.name] = (case, root / case.name)
@@ -45,7 +75,8 @@ def world_results(t2v_folder, i2v_folder, image_path, tmp_path_factory):
 
 
 ALL_CASES = [f"{task}_{layout['name']}" for world in (1, 2, 3, 4) for layout in _layouts(world)
-             for task in ("t2v", "i2v")]
+             for task in ("t2v", "i2v")] \
+    + [f"{model}_{layout}" for world in (1, 2, 3, 4) for model, layout, _ in _FAMILY_LAYOUTS[world]]
 
 
 @pytest.mark.parametrize("name", ALL_CASES)
@@ -56,6 +87,22 @@ def test_mode_matches_diffusers(world_results, name):
     assert error <= TOLERANCE, f"{name}: max abs error {error:.3g} > {TOLERANCE}"
     assert (out_dir / "video.mp4").stat().st_size > 0
     assert (out_dir / "run.json").is_file()
+
+
+def test_the_low_noise_expert_and_its_guidance_are_used(world_results):
+    """The two-expert comparison can fail: with the low-noise expert's guidance left at guidance_scale,
+    diffusers gives other frames, so the low-noise expert ran the later steps with guidance_scale_2."""
+    case, out_dir = world_results["moe_t2v_ulysses"]
+    kwargs = dict(case.reference_kwargs(), guidance_scale_2=None)
+    assert max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **kwargs)) > 100 * TOLERANCE
+
+
+def test_ti2v_image_sets_the_first_frame(world_results):
+    """TI2V image-to-video differs from its text-to-video at the same size and seed: the image's latent
+    holds the first latent frame."""
+    _, i2v_dir = world_results["ti2v_i2v_single"]
+    _, t2v_dir = world_results["ti2v_t2v_single"]
+    assert max_abs_error(i2v_dir / "frames.npy", np.load(t2v_dir / "frames.npy")) > 100 * TOLERANCE
 
 
 def test_modes_differ_from_a_wrong_answer(world_results):
