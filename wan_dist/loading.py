@@ -87,12 +87,17 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pi
 
 
 def load_scheduler(folder: Path, kind: str, flow_shift: float):
-    """The folder's scheduler config with Wan's flow shift; UniPC by default, flow-match Euler on request."""
+    """The folder's scheduler config with Wan's flow shift; UniPC by default, flow-match Euler (on diffusers'
+    spacing or on the distilled LoRAs' training timesteps) on request."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from .schedulers import DistilledEulerScheduler
 
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     if kind == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=flow_shift)
+    if kind == "euler_distill":
+        return DistilledEulerScheduler.from_config(config, shift=flow_shift)
     return UniPCMultistepScheduler.from_config(config, flow_shift=flow_shift)
 
 
