@@ -34,6 +34,7 @@ class Case:
     num_frames: int = 9
     steps: int = 3
     guidance_scale: float = 5.0
+    flow_shift: float = 3.0
     scheduler: str = "unipc"
     lora: tuple[tuple[str, float], ...] = field(default_factory=tuple)
     dit_dtype: str = "auto"
@@ -54,7 +55,7 @@ class Case:
         run.prompt, run.negative_prompt, run.image = self.prompt, self.negative_prompt, self.image
         run.prompts_file = self.prompts_file
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
-        run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
+        run.guidance_scale, run.scheduler, run.flow_shift = self.guidance_scale, self.scheduler, self.flow_shift
         run.lora = [LoraConfig(path=path, scale=scale) for path, scale in self.lora]
         run.model.dit_dtype = self.dit_dtype
         run.model.dit_storage_dtype, run.model.dit_offload = self.dit_storage_dtype, self.dit_offload
@@ -73,8 +74,8 @@ class Case:
     def reference_kwargs(self) -> dict:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
                     height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
-                    guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora,
-                    vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)
+                    guidance_scale=self.guidance_scale, flow_shift=self.flow_shift, scheduler=self.scheduler,
+                    lora=self.lora, vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,

@@ -1,0 +1,75 @@
+"""The 4-step distilled path: `+experiment=distilled_4step` with a LoRA in LightX2V's (and CausVid's) key
+format, on two ranks, against diffusers running the same LoRA with the same scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_lightx2v_lora
+from tests.dist_utils import run_on_ranks
+from tests.modes import Case, run_cases
+from tests.reference import TOLERANCE, max_abs_error, reference_frames
+from wan_dist.checks import check_loras, validate_run
+from wan_dist.config import RunConfig, register_configs
+from wan_dist.loading import load_scheduler, read_component_config
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# LightX2V's training timesteps: 1000, 750, 500, 250 shifted by 5 (its WanStepDistillScheduler).
+LIGHTX2V_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]
+
+
+def compose(*overrides: str) -> RunConfig:
+    """The run config `launch/generate.py` would build from these overrides."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("generate", overrides=list(overrides)))
+
+
+@pytest.fixture(scope="module")
+def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
+    lora = write_lightx2v_lora(t2v_folder, tmp_path_factory.mktemp("lightx2v") / "lightx2v_4step.safetensors")
+    return compose("+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
+                   "height=48", "width=80", "num_frames=9")
+
+
+def test_experiment_sets_the_distilled_sampling(distilled_run):
+    run = distilled_run
+    assert (run.steps, run.guidance_scale, run.lora[0].scale) == (4, 1.0, 1.0)
+    scheduler = load_scheduler(Path(run.model.path), run.scheduler, run.flow_shift)
+    scheduler.set_timesteps(run.steps)
+    assert scheduler.timesteps.tolist() == pytest.approx(LIGHTX2V_TIMESTEPS)
+
+
+def test_lightx2v_lora_passes_the_checks(distilled_run):
+    validate_run(distilled_run)  # the key names, from the header
+    check_loras(distilled_run, read_component_config(distilled_run.model.path, "transformer"))  # the sizes
+
+
+@pytest.fixture(scope="module")
+def distilled_result(distilled_run, tmp_path_factory):
+    run = distilled_run
+    case = Case("distilled_ulysses", str(run.model.path), ulysses=2, prompt=run.prompt,
+                negative_prompt=run.negative_prompt, height=run.height, width=run.width, num_frames=run.num_frames,
+                steps=run.steps, guidance_scale=run.guidance_scale, flow_shift=run.flow_shift,
+                scheduler=run.scheduler, lora=tuple((lora.path, lora.scale) for lora in run.lora))
+    root = tmp_path_factory.mktemp("distilled")
+    run_on_ranks(2, run_cases, [case], str(root), timeout=600)
+    return case, root / case.name / "frames.npy"
+
+
+def test_distilled_ulysses_matches_diffusers(distilled_result):
+    case, frames = distilled_result
+    error = max_abs_error(frames, reference_frames(case.folder, **case.reference_kwargs()))
+    assert error <= TOLERANCE, f"{error:.3g}"
+
+
+def test_the_lora_changes_the_video(distilled_result):
+    case, frames = distilled_result
+    without = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": ()})
+    assert max_abs_error(frames, without) > 100 * TOLERANCE
