@@ -218,7 +218,7 @@ class DitStage:
                                                     else device, allow_pickle=config.model.allow_pickle)
                 apply_loras(self.transformer, list(config.lora))
                 self.handle = parallelize_dit(self.transformer, **options)
-            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)
+            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, plan.seed)
         metrics.hold("dit", parameter_bytes(self.transformer))
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
