@@ -1,10 +1,13 @@
 """The 4-step distilled path: `+experiment=distilled_4step` with a LoRA in LightX2V's (and CausVid's) key
-format, on two ranks, against diffusers running the same LoRA with the same scheduler."""
+format, on two ranks, against diffusers running the same LoRA with the same scheduler; and the fresh-noise
+sampler LightX2V's Wan2.1 runner steps with (`scheduler=lcm_distill`)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import write_lightx2v_lora
@@ -35,7 +38,7 @@ def compose(*overrides: str) -> RunConfig:
 def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
     lora = write_lightx2v_lora(t2v_folder, tmp_path_factory.mktemp("lightx2v") / "lightx2v_4step.safetensors")
     return compose("+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
-                   "height=48", "width=80", "num_frames=9")
+                   "height=32", "width=48", "num_frames=5")
 
 
 def test_experiment_sets_the_distilled_sampling(distilled_run):
@@ -52,24 +55,35 @@ def test_lightx2v_lora_passes_the_checks(distilled_run):
 
 
 @pytest.fixture(scope="module")
-def distilled_result(distilled_run, tmp_path_factory):
+def distilled_results(distilled_run, tmp_path_factory) -> dict[str, tuple[Case, Path]]:
     run = distilled_run
-    case = Case("distilled_ulysses", str(run.model.path), ulysses=2, prompt=run.prompt,
-                negative_prompt=run.negative_prompt, height=run.height, width=run.width, num_frames=run.num_frames,
-                steps=run.steps, guidance_scale=run.guidance_scale, flow_shift=run.flow_shift,
-                scheduler=run.scheduler, lora=tuple((lora.path, lora.scale) for lora in run.lora))
+    experiment = Case("experiment_ulysses", str(run.model.path), ulysses=2, prompt=run.prompt,
+                      negative_prompt=run.negative_prompt, height=run.height, width=run.width,
+                      num_frames=run.num_frames, steps=run.steps, guidance_scale=run.guidance_scale,
+                      flow_shift=run.flow_shift, scheduler=run.scheduler,
+                      lora=tuple((lora.path, lora.scale) for lora in run.lora))
+    cases = [experiment, replace(experiment, name="lcm_ring", ulysses=1, ring=2, scheduler="lcm_distill")]
     root = tmp_path_factory.mktemp("distilled")
-    run_on_ranks(2, run_cases, [case], str(root), timeout=600)
-    return case, root / case.name / "frames.npy"
+    run_on_ranks(2, run_cases, cases, str(root), timeout=600)
+    return {case.name: (case, root / case.name / "frames.npy") for case in cases}
 
 
-def test_distilled_ulysses_matches_diffusers(distilled_result):
-    case, frames = distilled_result
+@pytest.mark.parametrize("name", ["experiment_ulysses", "lcm_ring"])
+def test_distilled_matches_diffusers(distilled_results, name):
+    case, frames = distilled_results[name]
     error = max_abs_error(frames, reference_frames(case.folder, **case.reference_kwargs()))
-    assert error <= TOLERANCE, f"{error:.3g}"
+    assert error <= TOLERANCE, f"{name}: {error:.3g}"
 
 
-def test_the_lora_changes_the_video(distilled_result):
-    case, frames = distilled_result
+def test_the_lora_changes_the_video(distilled_results):
+    case, frames = distilled_results["experiment_ulysses"]
     without = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": ()})
     assert max_abs_error(frames, without) > 100 * TOLERANCE
+
+
+def test_fresh_noise_steps_change_the_video(distilled_results):
+    """Fresh-noise steps give other frames than Euler steps from the same start: matching diffusers with
+    them means drawing its noise, step for step."""
+    _, euler = distilled_results["experiment_ulysses"]
+    _, fresh = distilled_results["lcm_ring"]
+    assert max_abs_error(fresh, np.load(euler)) > 100 * TOLERANCE
