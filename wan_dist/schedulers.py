@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 
 class DistilledEulerScheduler(FlowMatchEulerDiscreteScheduler):
@@ -40,7 +41,7 @@ class DistilledEulerScheduler(FlowMatchEulerDiscreteScheduler):
         self._noise = None  # a new video starts its noise stream again
 
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, *args,
-             generator: torch.Generator | None = None, **kwargs):
+             generator: torch.Generator | None = None, **kwargs) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
         if generator is None and self.config.stochastic_sampling and self.noise_seed is not None:
             if self._noise is None:
                 self._noise = torch.Generator("cpu").manual_seed(self.noise_seed)

@@ -43,7 +43,7 @@ def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
 
 def test_experiment_sets_the_distilled_sampling(distilled_run):
     run = distilled_run
-    assert (run.steps, run.guidance_scale, run.lora[0].scale) == (4, 1.0, 1.0)
+    assert run.guidance_scale == 1.0  # one branch: the LoRAs are CFG-distilled too
     scheduler = load_scheduler(Path(run.model.path), run.scheduler, run.flow_shift)
     scheduler.set_timesteps(run.steps)
     assert scheduler.timesteps.tolist() == pytest.approx(LIGHTX2V_TIMESTEPS)
