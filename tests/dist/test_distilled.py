@@ -49,6 +49,23 @@ def test_experiment_sets_the_distilled_sampling(distilled_run):
     assert scheduler.timesteps.tolist() == pytest.approx(LIGHTX2V_TIMESTEPS)
 
 
+def test_fresh_noise_continues_the_seeds_stream(distilled_run):
+    """lcm_distill's step: the clean-latent prediction noised to the next sigma with the draw that follows
+    the initial latent's on the seed's generator; each video (set_timesteps) starts the stream again."""
+    import torch
+
+    scheduler = load_scheduler(Path(distilled_run.model.path), "lcm_distill", distilled_run.flow_shift, seed=7)
+    generator = torch.Generator().manual_seed(7)
+    sample, fresh = torch.randn(1, 4, 2, 3, 5, generator=generator), torch.randn(1, 4, 2, 3, 5, generator=generator)
+    velocity = torch.randn(sample.shape)
+    for _ in range(2):
+        scheduler.set_timesteps(4)
+        sigma, following = scheduler.sigmas[0], scheduler.sigmas[1]
+        stepped = scheduler.step(velocity, scheduler.timesteps[0], sample, return_dict=False)[0]
+        expected = (1 - following) * (sample - sigma * velocity) + following * fresh
+        torch.testing.assert_close(stepped, expected)
+
+
 def test_lightx2v_lora_passes_the_checks(distilled_run):
     validate_run(distilled_run)  # the key names, from the header
     check_loras(distilled_run, read_component_config(distilled_run.model.path, "transformer"))  # the sizes
