@@ -5,8 +5,8 @@ and nothing more).
 LightX2V's step distillation (Wan2.1 and Wan2.2 LoRAs, and Wan2.2-Lightning) trains on the timesteps
 1000, 750, 500, 250 after Wan's flow shift (5.0): 1000, 937.5, 833.3, 625 (LightX2V's
 `denoising_step_list` with `sample_shift`, WanStepDistillScheduler in ModelTC/LightX2V). diffusers'
-flow-match Euler spaces its steps between its first and last training sigma and shifts that twice, so at
-4 steps it samples 1000, 909.7, 717.3, 24.4; here the unshifted sigmas are the evenly spaced N of the
+flow-match Euler spaces its steps evenly down to its last training sigma (already shifted) and shifts them
+again, so at 4 steps it samples 1000, 909.7, 717.3, 24.4; here the unshifted sigmas are the evenly spaced N of the
 training range instead, and the library's own shift and step do the rest. Between steps LightX2V's Wan2.2
 runner (and Wan2.2-Lightning) takes an Euler step; its Wan2.1 runner predicts the clean latent and noises it
 afresh to the next sigma, the DMD-style step diffusers' `stochastic_sampling` takes.
