@@ -3,6 +3,7 @@ diffusers format, so every test loads them through the project's real loading co
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -105,5 +106,51 @@ def write_random_lora(folder: Path, path: Path, rank: int = 4, seed: int = 1, su
                 prefix = f"transformer.blocks.{block}.{attn}.{proj}"
                 tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, inner, generator=generator) * 0.3
                 tensors[f"{prefix}.lora_B.weight"] = torch.randn(inner, rank, generator=generator) * 0.3
+    save_file(tensors, str(path))
+    return path
+
+
+def write_lightx2v_lora(folder: Path, path: Path, rank: int = 4, alpha: float = 2.0, seed: int = 2) -> Path:
+    """A random LoRA in the original-Wan key format LightX2V's and CausVid's distilled LoRAs ship in
+    (`diffusion_model.<Wan module>.lora_down/lora_up.weight`, bias deltas `.diff_b`, weight deltas `.diff`
+    on the norms and `diff_m` on the modulation, `.alpha` in the blocks, the only place diffusers' converter
+    reads one), over every layer kind they adapt: attention, feed-forward, the text and time embeddings, the
+    time projection and the head. diffusers' Wan LoRA loader converts it; the norm and modulation deltas it
+    drops (zeros in the published files)."""
+    from safetensors.torch import save_file
+
+    from wan_dist.loading import read_component_config
+
+    config = read_component_config(folder, "transformer")
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    head_out = config["out_channels"] * math.prod(config["patch_size"])
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def adapt(name: str, fan_in: int, fan_out: int, gain: float, with_alpha: bool = False) -> None:
+        prefix = f"diffusion_model.{name}"
+        tensors[f"{prefix}.lora_down.weight"] = torch.randn(rank, fan_in, generator=generator) * gain
+        tensors[f"{prefix}.lora_up.weight"] = torch.randn(fan_out, rank, generator=generator) * gain
+        if with_alpha:
+            tensors[f"{prefix}.alpha"] = torch.tensor(alpha)
+        tensors[f"{prefix}.diff_b"] = torch.randn(fan_out, generator=generator) * gain * 0.1
+
+    for block in range(config["num_layers"]):
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q", "k", "v", "o"):
+                adapt(f"blocks.{block}.{attn}.{proj}", inner, inner, 0.3, with_alpha=True)
+            for norm in ("norm_q", "norm_k"):
+                tensors[f"diffusion_model.blocks.{block}.{attn}.{norm}.diff"] = torch.zeros(inner)
+        adapt(f"blocks.{block}.ffn.0", inner, config["ffn_dim"], 0.2, with_alpha=True)
+        adapt(f"blocks.{block}.ffn.2", config["ffn_dim"], inner, 0.2, with_alpha=True)
+        tensors[f"diffusion_model.blocks.{block}.norm3.diff"] = torch.zeros(inner)
+        tensors[f"diffusion_model.blocks.{block}.norm3.diff_b"] = torch.zeros(inner)
+        tensors[f"diffusion_model.blocks.{block}.diff_m"] = torch.zeros(1, 6, inner)
+    adapt("text_embedding.0", config["text_dim"], inner, 0.1)
+    adapt("text_embedding.2", inner, inner, 0.1)
+    adapt("time_embedding.0", config["freq_dim"], inner, 0.1)
+    adapt("time_embedding.2", inner, inner, 0.1)
+    adapt("time_projection.1", inner, 6 * inner, 0.1)
+    adapt("head.head", inner, head_out, 0.1)
     save_file(tensors, str(path))
     return path

@@ -36,6 +36,7 @@ class Case:
     steps: int = 3
     guidance_scale: float = 5.0
     guidance_scale_2: float | None = None
+    flow_shift: float = 3.0
     scheduler: str = "unipc"
     lora: tuple[tuple, ...] = field(default_factory=tuple)  # (path, scale) or (path, scale, expert)
     dit_dtype: str = "auto"
@@ -57,7 +58,7 @@ class Case:
         run.last_image, run.guidance_scale_2 = self.last_image, self.guidance_scale_2
         run.prompts_file = self.prompts_file
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
-        run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
+        run.guidance_scale, run.scheduler, run.flow_shift = self.guidance_scale, self.scheduler, self.flow_shift
         run.lora = [LoraConfig(path=path, scale=scale, expert=expert[0] if expert else None)
                     for path, scale, *expert in self.lora]
         run.model.dit_dtype = self.dit_dtype
@@ -78,8 +79,8 @@ class Case:
         return dict(prompt=self.prompt, negative_prompt=self.negative_prompt, image=self.image,
                     last_image=self.last_image, guidance_scale_2=self.guidance_scale_2,
                     height=self.height, width=self.width, num_frames=self.num_frames, steps=self.steps,
-                    guidance_scale=self.guidance_scale, scheduler=self.scheduler, lora=self.lora,
-                    vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)
+                    guidance_scale=self.guidance_scale, flow_shift=self.flow_shift, scheduler=self.scheduler,
+                    lora=self.lora, vae_tiling=self.vae_tiling, dit_storage_dtype=self.dit_storage_dtype)
 
 
 def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,

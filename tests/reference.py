@@ -27,6 +27,12 @@ def reference_frames(
     pipe = cls.from_pretrained(folder, dtype=torch.float32)
     if scheduler == "euler":
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=flow_shift)
+    elif scheduler in ("euler_distill", "lcm_distill"):
+        from wan_dist.schedulers import DistilledEulerScheduler
+
+        pipe.scheduler = DistilledEulerScheduler.from_config(pipe.scheduler.config, shift=flow_shift,
+                                                             stochastic_sampling=scheduler == "lcm_distill")
+        pipe.scheduler.noise_seed = seed
     else:
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
     if lora:

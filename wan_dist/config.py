@@ -21,7 +21,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 STORAGE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 OFFLOADS = ("none", "block")
 DEVICES = ("cpu", "gpu")
-SCHEDULERS = ("unipc", "euler")
+# `euler_distill` / `lcm_distill`: on the timesteps the 4-step distilled LoRAs were trained on, Euler steps or
+# a clean-latent prediction noised afresh to the next step (schedulers.py).
+SCHEDULERS = ("unipc", "euler", "euler_distill", "lcm_distill")
 SWITCHES = ("auto", "true", "false")
 VAE_SPLITS = ("rank0", "patch")
 TASKS = ("t2v", "i2v", "flf2v")

@@ -87,13 +87,22 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pi
     return model.to(device).eval()
 
 
-def load_scheduler(folder: Path, kind: str, flow_shift: float):
-    """The folder's scheduler config with Wan's flow shift; UniPC by default, flow-match Euler on request."""
+def load_scheduler(folder: Path, kind: str, flow_shift: float, seed: int | None = None):
+    """The folder's scheduler config with Wan's flow shift; UniPC by default, flow-match Euler (on diffusers'
+    spacing, or on the distilled LoRAs' training timesteps with Euler or fresh-noise steps) on request;
+    `seed` (the run's) seeds the fresh noise of `lcm_distill`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from .schedulers import DistilledEulerScheduler
 
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     if kind == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=flow_shift)
+    if kind in ("euler_distill", "lcm_distill"):
+        scheduler = DistilledEulerScheduler.from_config(config, shift=flow_shift,
+                                                        stochastic_sampling=kind == "lcm_distill")
+        scheduler.noise_seed = seed
+        return scheduler
     return UniPCMultistepScheduler.from_config(config, flow_shift=flow_shift)
 
 

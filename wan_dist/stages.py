@@ -212,7 +212,7 @@ class DitStage:
                 transformer, handle = self._load(plan.components[name], mesh, shard_mesh)
                 self.transformers.append(transformer)
                 self.handles.append(handle)
-            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift)
+            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, seed=plan.seed)
         metrics.hold("dit", parameter_bytes(*self.transformers))
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
