@@ -68,7 +68,7 @@ def test_fresh_noise_continues_the_seeds_stream(distilled_run):
 
 def test_lightx2v_lora_passes_the_checks(distilled_run):
     validate_run(distilled_run)  # the key names, from the header
-    check_loras(distilled_run, read_component_config(distilled_run.model.path, "transformer"))  # the sizes
+    check_loras(distilled_run, [read_component_config(distilled_run.model.path, "transformer")])  # the sizes
 
 
 @pytest.fixture(scope="module")
