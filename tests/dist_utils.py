@@ -21,6 +21,17 @@ from tests.launching import free_port
 
 
 
+# Ranks are forked from a server process that imported torch, diffusers, transformers and the library
+# once: a spawned rank would spend seconds of CPU importing them again, for every world of every test
+# (minutes over the suite). Nothing in the server has run a kernel, started a thread or touched CUDA, so
+# forking it is safe.
+multiprocessing_context = multiprocessing.get_context("forkserver")
+multiprocessing_context.set_forkserver_preload([
+    "torch", "tests.modes", "wan_dist.stages", "diffusers.models.transformers.transformer_wan",
+    "diffusers.models.autoencoders.autoencoder_kl_wan", "transformers.models.umt5.modeling_umt5",
+])
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -36,7 +47,11 @@ def _worker(
     result_dir: str,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
+    environ: dict[str, str],
 ) -> None:
+    # The caller's environment as it is now (the server's is from when it started).
+    os.environ.clear()
+    os.environ.update(environ)
     # Several ranks share a few cores: more than one thread each only makes them fight.
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -72,17 +87,17 @@ def run_on_ranks(
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return the results in rank order.
 
     ``fn`` must be a module-level function and its arguments and result picklable. Each rank runs in a
-    spawned process with a fresh process group on a free local port (``backend="nccl"`` also pins
+    new process (forked from the preloaded server) with a fresh process group on a free local port (``backend="nccl"`` also pins
     rank i to GPU i). If any rank raises, the others are terminated and a RuntimeError carries the
     traceback of the rank that failed first (later failures are usually its peers losing connection).
     """
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing_context
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as result_dir:
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, backend, port, timeout, result_dir, fn, args),
+                args=(rank, world_size, backend, port, timeout, result_dir, fn, args, dict(os.environ)),
                 name=f"rank{rank}",
                 daemon=True,
             )

@@ -213,7 +213,8 @@ class DitStage:
                 self.transformers.append(transformer)
                 self.handles.append(handle)
             self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, seed=plan.seed)
-        metrics.hold("dit", parameter_bytes(*self.transformers))
+        for name, transformer in zip(plan.experts, self.transformers):
+            metrics.hold(name, parameter_bytes(transformer))
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
@@ -295,7 +296,8 @@ class DitStage:
         for handle in self.handles:
             handle.remove()
         self.transformers, self.handles = [], []
-        self.metrics.release("dit")
+        for name in self.plan.experts:
+            self.metrics.release(name)
         gc.collect()
 
 

@@ -5,6 +5,7 @@ tiny DiT has 3 heads (divisible by neither 2 nor 4)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,23 @@ def test_mode_matches_diffusers(world_results, name):
     assert error <= TOLERANCE, f"{name}: max abs error {error:.3g} > {TOLERANCE}"
     assert (out_dir / "video.mp4").stat().st_size > 0
     assert (out_dir / "run.json").is_file()
+
+
+@pytest.mark.parametrize("name", ["moe_i2v_cfg_fsdp", "moe_t2v_usp_fsdp", "moe_i2v_stage_split_ulysses3",
+                                  "moe_t2v_single"])
+def test_every_dit_rank_holds_both_experts_as_planned(world_results, name):
+    """Each DiT rank loads both experts, whole or its FSDP shard of each: run.json's loaded bytes per
+    expert equal the plan's, from the headers."""
+    _, out_dir = world_results[name]
+    report = json.loads((out_dir / "run.json").read_text())
+    for planned, measured in zip(report["plan"]["ranks"], report["memory"]):
+        for expert in ("dit", "dit_2"):
+            assert measured["loaded_parameter_bytes"].get(expert) == planned["weight_bytes"].get(expert)
+        assert ("dit" in planned["weight_bytes"]) == ("dit" in planned["role"])
+    if "fsdp" in name:
+        ranks = report["plan"]["ranks"]
+        whole = report["plan"]["components"]["dit_2"]["weight_bytes"]
+        assert sum(r["weight_bytes"]["dit_2"] for r in ranks if "dit_2" in r["weight_bytes"]) == whole
 
 
 def test_the_low_noise_expert_and_its_guidance_are_used(world_results):
