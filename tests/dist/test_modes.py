@@ -39,10 +39,14 @@ _FAMILY_LAYOUTS = {
     2: [("moe_t2v", "cfg", dict(cfg=2)), ("moe_t2v", "ulysses", dict(ulysses=2)),
         ("moe_i2v", "cfg_fsdp", dict(cfg=2, fsdp=True)), ("ti2v_i2v", "ulysses", dict(ulysses=2)),
         ("ti2v_t2v", "ring_fsdp", dict(ring=2, fsdp=True)), ("flf2v", "stage_split", dict(stage_split=True))],
-    3: [("moe_t2v", "ring3", dict(ring=3)), ("ti2v_i2v", "ring3", dict(ring=3)),
+    3: [("moe_t2v", "ring3", dict(ring=3)),
+        # The 48-channel VAE's encode and decode in bands over the three ranks too.
+        ("ti2v_i2v", "ring3_vae_bands", dict(ring=3, vae_decode="patch", vae_encode="patch")),
+        ("ti2v_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2)),
         ("flf2v", "ulysses3", dict(ulysses=3)), ("moe_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2))],
     4: [("moe_t2v", "usp_fsdp", dict(ulysses=2, ring=2, fsdp=True)), ("ti2v_t2v", "cfg_usp", dict(cfg=2, ulysses=2)),
-        ("moe_i2v", "stage_split_ulysses3", dict(stage_split=True, ulysses=3))],
+        ("moe_i2v", "stage_split_ulysses3", dict(stage_split=True, ulysses=3)),
+        ("flf2v", "cfg_ring_fsdp", dict(cfg=2, ring=2, fsdp=True))],
 }
 
 
