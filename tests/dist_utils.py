@@ -45,8 +45,7 @@ def _worker(
     port: int,
     timeout: float,
     result_dir: str,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
+    call: bytes,
     environ: dict[str, str],
 ) -> None:
     # The caller's environment as it is now (the server's is from when it started).
@@ -66,6 +65,7 @@ def _worker(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout),
         )
+        fn, args = pickle.loads(call)
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -93,11 +93,14 @@ def run_on_ranks(
     """
     ctx = multiprocessing_context
     port = free_port()
+    # Pickled by value here: multiprocessing's own pickler would pass each tensor as a shared-memory file
+    # descriptor, and a fork server takes a few hundred of those at most.
+    call = pickle.dumps((fn, args))
     with tempfile.TemporaryDirectory(prefix="run_on_ranks_") as result_dir:
         procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, backend, port, timeout, result_dir, fn, args, dict(os.environ)),
+                args=(rank, world_size, backend, port, timeout, result_dir, call, dict(os.environ)),
                 name=f"rank{rank}",
                 daemon=True,
             )
