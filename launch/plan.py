@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 from wan_dist.building import ensure_shapes_folder  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
+from wan_dist.loading import read_component_config  # noqa: E402
+from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, predict_transfer  # noqa: E402
 from wan_dist.plan import DeviceFacts, JobPlan, build_plan  # noqa: E402
 from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
 from wan_dist.presets import MODEL_PRESETS  # noqa: E402
@@ -87,6 +90,25 @@ def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choic
         return choose(run, given=given, world_size=world_size, memory_bytes=memory, build=build)
 
 
+def transfers(plan: JobPlan) -> list[dict]:
+    """FSDP's all-gather (over NVLink and PCIe) or offload's copy per block against the block's compute on
+    an H100-class GPU (wan_dist/perf.py), for a plan that shards or streams the DiT."""
+    dit = plan.components["dit"]
+    option = "fsdp" if plan.fsdp else "offload" if dit.offload else None
+    if option is None:
+        return []
+    dims, gpus = plan.dims, len(plan.dims.dit_ranks)
+    sequence = "ulysses" if dims.ring * dims.ulysses > 1 else ""
+    mode = "_".join(filter(None, ("cfg" if dims.cfg > 1 else "", sequence))) or "single"
+    config = read_component_config(plan.folder, "transformer")
+    single = estimated_step_s(config, plan.num_tokens, guided=plan.guided)
+    stored = dit.storage_dtype or dit.dtype
+    return [asdict(predict_transfer(config, plan.num_tokens, option=option, mode=mode, gpus=gpus, link=link,
+                                    single_step_s=single, guided=plan.guided,
+                                    bytes_per_element=stored.itemsize))
+            for link in ((NVLINK, PCIE) if option == "fsdp" else (HOST_LINK,))]
+
+
 def row(choice: Choice | str, world_size: int, gpu_gib: int) -> dict:
     """`choice` a string: why the layout as given cannot run on this many GPUs."""
     if isinstance(choice, str) or choice.plan is None:
@@ -100,15 +122,19 @@ def row(choice: Choice | str, world_size: int, gpu_gib: int) -> dict:
                    "activations_bytes": m.activations + m.gather_buffers + m.context_cache,
                    "decode_bytes": m.decode, "peak_bytes": m.peak}
                   for r, m in zip(plan.ranks, plan.memory)],
+        "transfers": transfers(plan),
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| GPUs | GPU GiB | fits | layout | added | peak GiB per rank (max) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| GPUs | GPU GiB | fits | layout | added | peak GiB per rank (max) "
+             "| per block: transfer / compute ms, hidden by prefetch |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         peak = max((rank["peak_bytes"] for rank in r["ranks"]), default=0) / 2**30
+        moved = "; ".join(f"{t['option']} over {t['link']} {1e3 * t['transfer_s']:.1f} / {1e3 * t['compute_s']:.1f}"
+                          f" {'yes' if t['hidden'] else 'no'}" for t in r.get("transfers", [])) or "-"
         lines.append(f"| {r['world_size']} | {r['gpu_memory_gib']} | {'yes' if r['fits'] else 'no'} "
-                     f"| {r.get('layout', '-')} | {' '.join(r['overrides']) or '-'} | {peak:.1f} |")
+                     f"| {r.get('layout', '-')} | {' '.join(r['overrides']) or '-'} | {peak:.1f} | {moved} |")
     return "\n".join(lines)
 
 
