@@ -116,15 +116,15 @@ def refusal(run: RunConfig, choice: Choice, *, given: Collection[str], world_siz
     user pinned, left to the planner; more GPUs; fp8 storage (lossy)."""
     gib = 2**30
     setting = f"model={run.model.preset} at {run.height}x{run.width}x{run.num_frames}, parallel={run.parallel.preset}"
-    where = f"{world_size} GPU(s) with {memory_bytes / gib:.1f} GiB free"
+    where = f"{world_size} GPU(s) with {memory_bytes / gib:.2f} GiB free"
     if choice.plan is None:
         said = "no layout applies"
     else:
         peaks = [m.peak for m in choice.plan.memory]
         worst = max(range(len(peaks)), key=peaks.__getitem__)
         said = (f"the last layout tried ({choice.plan.dims.describe()}{', ' if choice.added else ''}"
-                f"{' '.join(choice.added)}) peaks at {peaks[worst] / gib:.1f} GiB on rank {worst}, above "
-                f"{USABLE:.0%} of the free memory")
+                f"{' '.join(choice.added)}) peaks at {peaks[worst] / gib:.2f} GiB on rank {worst}, above "
+                f"{USABLE * memory_bytes / gib:.2f} GiB ({USABLE:.0%} of the free memory)")
 
     def fitting(candidate: RunConfig, keys: Collection[str], size: int) -> Choice | None:
         try:
