@@ -7,7 +7,9 @@
 
 The layouts (presets.LAYOUTS) run as one Hydra multirun on the torchrun launcher (`+layout=...`), each
 under its own torchrun; diffusers' WanPipeline runs in one process on the same folder,
-inputs and sampling settings. Reported side by side: seconds per denoising step (median after the first,
+inputs and sampling settings. Each memory option (presets.MEMORY_OPTIONS: FSDP, block offload, fp8
+storage) runs as a layout of its own beside the same layout without it; one this device cannot run (block
+offload on a CPU) is reported as n/a with the plan's reason. Reported side by side: seconds per denoising step (median after the first,
 which warms up), end-to-end seconds, peak memory per rank, speed-up over `single` and parallel efficiency,
 and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
 the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
@@ -34,8 +36,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "launch")]  # wan_dist, and vae_bench besi
 from wan_dist.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.sweep import pyplot  # noqa: E402
 
-from wan_dist.perf import CEILING_FILE, gpu_peak_tflops, scaling_table, step_flops  # noqa: E402
-from wan_dist.presets import LAYOUTS, MODEL_PRESETS  # noqa: E402
+from wan_dist.perf import (  # noqa: E402
+    CEILING_FILE, gpu_peak_tflops, scaling_table, step_flops, transfer_markdown, transfer_table,
+)
+from wan_dist.presets import LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS  # noqa: E402
 from wan_dist.sweep import collect_jobs  # noqa: E402
 
 # Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
@@ -71,6 +75,7 @@ def run_layouts(names: list[str], overrides: list[str], sweep_dir: Path) -> dict
             "dit_ranks": len(report["mesh"]["dit_ranks"]), "videos": len(report["videos"]), "step_s": row.step_s,
             "denoise_s": t["denoise_s"], "total_s": t["total_s"], "timings": {k: v for k, v in t.items() if k != "steps_s"},
             "peak_bytes": [m["peak_bytes"] for m in report["memory"]], "peak_kind": report["memory"][0]["peak_kind"],
+            "loaded_bytes": [m["loaded_parameter_bytes"] for m in report["memory"]],
         }
         if (job_dir / CEILING_FILE).is_file():
             result["ceiling"] = json.loads((job_dir / CEILING_FILE).read_text())["ceiling"]
@@ -147,6 +152,54 @@ def _peak_subprocess(device: str) -> dict:
     return json.loads(result.stdout)
 
 
+def refused_here(overrides: list[str], names: list[str]) -> dict[str, str]:
+    """The layouts this device cannot run (block offload on a CPU, say), each with the plan's own
+    one-line reason: planned here, before anything starts, and reported as n/a instead of run. Whether
+    a layout fits the GPU's memory is left to its run (reading it here would hold a CUDA context in this
+    process through every run)."""
+    import tempfile
+
+    import torch
+
+    from wan_dist.attention import device_capability
+    from wan_dist.errors import ConfigError
+    from wan_dist.plan import DeviceFacts, build_plan
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    facts = DeviceFacts(device.type, device_capability(device))
+    refused = {}
+    with tempfile.TemporaryDirectory() as out_dir:
+        for name in names:
+            try:
+                build_plan(_compose(overrides + [f"+layout={name}"]), world_size=LAYOUTS[name].world_size, rank=0,
+                           device=device, out_dir=out_dir, seed=0, facts_of_device=facts, choose=False)
+            except ConfigError as error:
+                refused[name] = str(error)
+    return refused
+
+
+def memory_options(results: list[dict], not_applicable: dict[str, str]) -> list[dict]:
+    """Each memory option's run beside its layout without it: seconds per step, peak and loaded DiT bytes
+    per rank, or why this device does not run it."""
+    by_name = {r["name"]: r for r in results}
+    rows = []
+    for name, layout in LAYOUTS.items():
+        if layout.memory is None or (name not in by_name and name not in not_applicable):
+            continue
+        row = {"option": MEMORY_OPTIONS[layout.memory], "layout": name, "base": layout.base}
+        if name in not_applicable:
+            rows.append({**row, "not_applicable": not_applicable[name]})
+            continue
+        for side, r in (("without", by_name.get(layout.base)), ("with", by_name[name])):
+            if r and r["ok"]:
+                row[side] = {"step_s": r["step_s"], "peak_bytes": r["peak_bytes"],
+                             "dit_bytes": [loaded.get("dit", 0) for loaded in r["loaded_bytes"]]}
+        if "with" in row and "without" in row:
+            row["step_ratio"] = row["with"]["step_s"] / row["without"]["step_s"]
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------- report
 
 
@@ -211,6 +264,29 @@ def write_tables(report: dict, path: Path) -> None:
         for r in queue:
             lines.append(f"| {r['name']} | {r['nproc']} | {r['total_s']:.1f} | {r['total_s'] / r['videos']:.1f} "
                          f"| {base / r['total_s']:.2f} |")
+    if report.get("memory_options"):
+        lines += ["", "Memory options, each beside the same layout without it (GiB per rank, rank 0 first):", "",
+                  "| option | layout | s/step without | s/step with | with / without | peak GiB without | peak GiB with "
+                  "| DiT MiB loaded without | DiT MiB loaded with |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+        def gib(values: list[int]) -> str:
+            return " / ".join(f"{v / 2**30:.2f}" for v in values)
+
+        def mib(values: list[int]) -> str:
+            return " / ".join(f"{v / 2**20:.1f}" for v in values)
+
+        for m in report["memory_options"]:
+            if "not_applicable" in m:
+                lines.append(f"| {m['option']} | {m['base']} | n/a: {m['not_applicable']} | | | | | | |")
+                continue
+            without, with_ = m.get("without"), m.get("with")
+            cells = [f"{side['step_s']:.3f}" if side else "failed" for side in (without, with_)]
+            lines.append(f"| {m['option']} | {m['base']} | {cells[0]} | {cells[1]} | {_fmt(m.get('step_ratio'), '.2f')} "
+                         f"| {gib(without['peak_bytes']) if without else ''} | {gib(with_['peak_bytes']) if with_ else ''} "
+                         f"| {mib(without['dit_bytes']) if without else ''} | {mib(with_['dit_bytes']) if with_ else ''} |")
+    if report.get("transfers"):
+        lines += ["", "FSDP's all-gather and block offload's copy per block against the block's compute, predicted "
+                  "from this run's single s/step (wan_dist/perf.py):", "", transfer_markdown(report["transfers"])]
     if report.get("scaling"):
         lines += ["", "Predicted step time on more GPUs (wan_dist/perf.py's model, from this run's single s/step):",
                   "", "| mode | GPUs | link | compute s | communication s | step s | speedup |",
@@ -252,23 +328,29 @@ def write_plot(report: dict, path: Path) -> None:
 # ------------------------------------------------------------------------------------------ main
 
 
-def resolve_run(overrides: list[str]) -> dict:
-    """The folder, sizes and dtypes the runs will use, resolved by the app's own config code (and the
-    model built if it is a built preset), so that diffusers gets exactly the same."""
-    import torch
+def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from wan_dist.building import model_folder
-    from wan_dist.checks import validate_run
-    from wan_dist.config import RunConfig, register_configs
-    from wan_dist.loading import read_component_config
-    from wan_dist.pipeline import latent_shape
+    from wan_dist.config import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("generate", overrides=[o for o in overrides if not o.startswith(("hydra.", "compile="))])
-    run: RunConfig = OmegaConf.to_object(cfg)
+    return OmegaConf.to_object(cfg)
+
+
+def resolve_run(overrides: list[str]) -> dict:
+    """The folder, sizes and dtypes the runs will use, resolved by the app's own config code (and the
+    model built if it is a built preset), so that diffusers gets exactly the same."""
+    import torch
+
+    from wan_dist.building import model_folder
+    from wan_dist.checks import validate_run
+    from wan_dist.loading import read_component_config
+    from wan_dist.pipeline import latent_shape
+
+    run = _compose(overrides)
     validate_run(run)
     folder = model_folder(run.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -328,6 +410,10 @@ def main() -> None:
              and (args.layouts is None or name in args.layouts)
              # inductor's CPU code adds minutes of compilation to a CPU bench; ask for it by name
              and not (name == "compiled" and not on_gpu and args.layouts is None)]
+    # A memory option is measured beside its layout without it.
+    names += [base for name in names if (base := LAYOUTS[name].base) and base not in names]
+    not_applicable = refused_here(overrides, names)
+    names = [name for name in names if name not in not_applicable]
     with_diffusers = not args.no_diffusers and (args.layouts is None or "diffusers" in args.layouts)
     queue = bool(args.queue) and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts)
     # The VAE decode alone, one rank against two (the Wan2.1 VAE architecture, random weights).
@@ -380,11 +466,14 @@ def main() -> None:
     single = next((r for r in results if r["ok"] and r["name"] == "single"), None)
     scaling = scaling_table(spec["dit_config"], spec["tokens"], single_step_s=single["step_s"], guided=guided) \
         if single and on_gpu else []
+    transfers = transfer_table(spec["dit_config"], spec["tokens"], single_step_s=single["step_s"], guided=guided) \
+        if single and on_gpu else []
     report = {
         "model": model, "size": f"{spec['height']}x{spec['width']}x{spec['num_frames']}", "steps": spec["steps"],
         "tokens": spec["tokens"], "device": device_name, "overrides": overrides, "repeat": args.repeat,
         "flops_per_step": flops,
         "peak": peak, "results": results, "scaling": scaling, "vae_decode": decode_report,
+        "memory_options": memory_options(results, not_applicable), "transfers": transfers,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -93,6 +93,8 @@ def main(cfg: DictConfig) -> None:
                 # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
                 seed=session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31)),
                 agree=session.agree,
+                # What the user named is kept; the planner fills the rest to fit the GPU.
+                given=list(hydra_cfg.overrides.task),
             )
             if session.rank == 0:
                 log.info("%d rank(s): %s; outputs in %s", session.world_size, plan.dims.describe(), plan.out_dir)

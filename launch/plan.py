@@ -8,13 +8,9 @@ lossless layout that fits (the plan's memory model per rank), or that none does.
 The same overrides as launch/generate.py, plus `plan.world_sizes` (default [1,2,4,8]), `plan.gpu_memory_gib`
 (default [24,48,80]) and `plan.out` (a JSON file). A real preset without `model.path` is planned from its
 architecture's shapes alone (a folder of configs and header-only weights, no download). Settings given
-explicitly (a preset, degrees, `parallel.fsdp`, `parallel.vae_decode`) are kept; the planner fills only
-what is left open, in this order, each step only if the previous does not fit: the `parallel=auto` layout
-unsharded; the DiT sharded over the DiT ranks (FSDP2); also the VAE decode in bands over every rank; all
-ranks on the sequence axes (usp) instead of a cfg axis, sharded, with the bands; a stage split (the VAE
-alone on rank 0) with the DiT sharded; usp with the DiT's blocks streamed from host memory (block offload,
-slower but lossless). A layout fits when every rank's predicted peak
-is within 90% of the GPU's memory (the rest for the CUDA context and the allocator's fragmentation).
+explicitly (a preset, degrees, `parallel.fsdp`, `parallel.vae_decode`) are kept; the planner
+(wan_dist/planner.py, the same `parallel=auto` runs with a GPU's free memory) fills only what is left open,
+step by step until a layout fits within 90% of the GPU's memory.
 """
 
 from __future__ import annotations
@@ -22,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,25 +26,14 @@ sys.path.insert(0, str(ROOT))
 
 from wan_dist.building import ensure_shapes_folder  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
+from wan_dist.loading import read_component_config  # noqa: E402
+from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, predict_transfer  # noqa: E402
 from wan_dist.plan import DeviceFacts, JobPlan, build_plan  # noqa: E402
+from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
 from wan_dist.presets import MODEL_PRESETS  # noqa: E402
 
-USABLE = 0.9  # of a GPU's memory; the rest for the CUDA context and the allocator's fragmentation
 HOPPER = (9, 0)  # the kernels are chosen for an H100-class GPU; memory does not depend on it
 DEFAULTS = {"world_sizes": [1, 2, 4, 8], "gpu_memory_gib": [24, 48, 80], "out": None}
-# What the planner may add, in order, when the user left the key open: (keys it sets, overrides).
-STEPS = (
-    ((), []),
-    (("parallel.fsdp",), ["parallel.fsdp=true"]),
-    (("parallel.fsdp", "parallel.vae_decode"), ["parallel.fsdp=true", "parallel.vae_decode=patch"]),
-    # Every rank on the sequence instead of a cfg axis: each holds 1/W of the tokens' activations.
-    (("parallel", "parallel.cfg_degree", "parallel.fsdp", "parallel.vae_decode"),
-     ["parallel=usp", "parallel.fsdp=true", "parallel.vae_decode=patch"]),
-    (("parallel", "parallel.stage_split", "parallel.fsdp"), ["parallel=stage_split", "parallel.fsdp=true"]),
-    # Last: the DiT's blocks streamed from host memory (slower, still lossless).
-    (("parallel", "parallel.cfg_degree", "model.dit_offload", "parallel.vae_decode"),
-     ["parallel=usp", "model.dit_offload=block", "parallel.vae_decode=patch"]),
-)
 
 
 def _split_args(argv: list[str]) -> tuple[list[str], dict]:
@@ -87,68 +73,84 @@ def _compose(overrides: list[str]):
     return run
 
 
-def _given(overrides: list[str]) -> set[str]:
-    return {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
-
-
-def plan_for(overrides: list[str], world_size: int, gpu_gib: int) -> tuple[list[str], JobPlan | None]:
+def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choice:
     """The first of the planner's steps that fits (or the last one tried, which does not), and its plan."""
-    given = _given(overrides)
-    facts = DeviceFacts("cuda", HOPPER, gpu_gib * 2**30)
-    tried: tuple[list[str], JobPlan | None] = ([], None)
-    for keys, extra in STEPS:
-        if any(key in given for key in keys):
-            continue
-        try:
-            run = _compose(overrides + extra)
-            import torch
+    import torch
 
-            with tempfile.TemporaryDirectory() as out_dir:
-                plan = build_plan(run, world_size=world_size, rank=0, device=torch.device("cuda"),
-                                  out_dir=out_dir, seed=0, facts_of_device=facts)
-                plan.memory  # computed while the plan's folder is there
-        except ConfigError:
-            continue  # this step does not apply here (e.g. sharding with one DiT rank)
-        tried = (extra, plan)
-        if fits(plan, gpu_gib):
-            break
-    return tried
+    memory = gpu_gib * 2**30
+    facts = DeviceFacts("cuda", HOPPER, memory)
+    with tempfile.TemporaryDirectory() as out_dir:
+
+        def build(candidate, size: int) -> JobPlan:
+            plan = build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
+                              seed=0, facts_of_device=facts, choose=False)
+            plan.memory  # computed while the plan's folder is there
+            return plan
+
+        return choose(run, given=given, world_size=world_size, memory_bytes=memory, build=build)
 
 
-def fits(plan: JobPlan, gpu_gib: int) -> bool:
-    return max(memory.peak for memory in plan.memory) <= USABLE * gpu_gib * 2**30
+def transfers(plan: JobPlan) -> list[dict]:
+    """FSDP's all-gather (over NVLink and PCIe) or offload's copy per block against the block's compute on
+    an H100-class GPU (wan_dist/perf.py), for a plan that shards or streams the DiT."""
+    dit = plan.components["dit"]
+    option = "fsdp" if plan.fsdp else "offload" if dit.offload else None
+    if option is None:
+        return []
+    dims, gpus = plan.dims, len(plan.dims.dit_ranks)
+    sequence = "ulysses" if dims.ring * dims.ulysses > 1 else ""
+    mode = "_".join(filter(None, ("cfg" if dims.cfg > 1 else "", sequence))) or "single"
+    config = read_component_config(plan.folder, "transformer")
+    single = estimated_step_s(config, plan.num_tokens, guided=plan.guided)
+    stored = dit.storage_dtype or dit.dtype
+    return [asdict(predict_transfer(config, plan.num_tokens, option=option, mode=mode, gpus=gpus, link=link,
+                                    single_step_s=single, guided=plan.guided,
+                                    bytes_per_element=stored.itemsize))
+            for link in ((NVLINK, PCIE) if option == "fsdp" else (HOST_LINK,))]
 
 
-def row(plan: JobPlan | None, extra: list[str], world_size: int, gpu_gib: int) -> dict:
-    if plan is None:
-        return {"world_size": world_size, "gpu_memory_gib": gpu_gib, "fits": False, "overrides": extra, "ranks": []}
+def row(choice: Choice | str, world_size: int, gpu_gib: int) -> dict:
+    """`choice` a string: why the layout as given cannot run on this many GPUs."""
+    if isinstance(choice, str) or choice.plan is None:
+        return {"world_size": world_size, "gpu_memory_gib": gpu_gib, "fits": False, "overrides": [], "ranks": [],
+                **({"error": choice} if isinstance(choice, str) else {})}
+    plan, extra = choice.plan, list(choice.added)
     return {
-        "world_size": world_size, "gpu_memory_gib": gpu_gib, "fits": fits(plan, gpu_gib), "overrides": extra,
+        "world_size": world_size, "gpu_memory_gib": gpu_gib, "fits": choice.fits, "overrides": extra,
         "layout": plan.dims.describe(), "fsdp": plan.fsdp, "vae_decode": plan.vae_decode,
         "ranks": [{"rank": r.rank, "role": r.role, "weights_bytes": dict(r.weight_bytes),
                    "activations_bytes": m.activations + m.gather_buffers + m.context_cache,
                    "decode_bytes": m.decode, "peak_bytes": m.peak}
                   for r, m in zip(plan.ranks, plan.memory)],
+        "transfers": transfers(plan),
     }
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| GPUs | GPU GiB | fits | layout | added | peak GiB per rank (max) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| GPUs | GPU GiB | fits | layout | added | peak GiB per rank (max) "
+             "| per block: transfer / compute ms, hidden by prefetch |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         peak = max((rank["peak_bytes"] for rank in r["ranks"]), default=0) / 2**30
+        moved = "; ".join(f"{t['option']} over {t['link']} {1e3 * t['transfer_s']:.1f} / {1e3 * t['compute_s']:.1f}"
+                          f" {'yes' if t['hidden'] else 'no'}" for t in r.get("transfers", [])) or "-"
         lines.append(f"| {r['world_size']} | {r['gpu_memory_gib']} | {'yes' if r['fits'] else 'no'} "
-                     f"| {r.get('layout', '-')} | {' '.join(r['overrides']) or '-'} | {peak:.1f} |")
+                     f"| {r.get('layout', '-')} | {' '.join(r['overrides']) or '-'} | {peak:.1f} | {moved} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     try:
         overrides, settings = _split_args(argv)
+        run = _compose(overrides)
+        given = given_keys(run, overrides)
         rows = []
         for world_size in settings["world_sizes"]:
             for gpu_gib in settings["gpu_memory_gib"]:
-                extra, plan = plan_for(overrides, world_size, gpu_gib)
-                rows.append(row(plan, extra, world_size, gpu_gib))
+                try:
+                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib)
+                except ConfigError as error:  # this world size does not suit the layout given
+                    choice = str(error)
+                rows.append(row(choice, world_size, gpu_gib))
     except ConfigError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
-from .loading import DTYPES_BY_NAME, read_component_config
+from .loading import DTYPES_BY_NAME, SAFETENSORS_DTYPES, read_component_config
 from .presets import DIT_SUBFOLDERS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
 from .text_encoding import TEXT_MAX_TOKENS
 
@@ -236,8 +236,8 @@ def dit_num_heads(model: ModelConfig) -> int:
     return int(read_component_config(folder, "transformer")["num_attention_heads"])
 
 
-# safetensors' names of the dtypes a shapes-only folder writes.
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+# safetensors' names of the dtypes, for a shapes-only folder's headers.
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def _write_shapes_only(module: torch.nn.Module, folder: Path) -> None:
@@ -251,7 +251,7 @@ def _write_shapes_only(module: torch.nn.Module, folder: Path) -> None:
     header, offset = {}, 0
     for name, param in module.named_parameters():
         size = param.numel() * param.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[param.dtype], "shape": list(param.shape),
+        header[name] = {"dtype": _SAFETENSORS_NAMES[param.dtype], "shape": list(param.shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()

@@ -22,9 +22,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 DTYPES_BY_NAME = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 STORAGE_DTYPES_BY_NAME = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# safetensors' dtype names, as its headers state them, and the bytes per element of each.
-_SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                            "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# safetensors' dtype names, as its headers state them.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 def resolve_dtype(name: str, device: torch.device, *, gpu_default: torch.dtype) -> torch.dtype:
@@ -152,29 +153,42 @@ def load_transformer_sharded(model: torch.nn.Module, folder: Path, dtype: torch.
                              *, shard_rank: int, shard_count: int, subfolder: str = "transformer") -> None:
     """Fill a DiT that was built on the meta device and sharded with FSDP2 (dim 0 of every parameter over
     `shard_count` ranks): each parameter's local shard is read straight from its rows of the safetensors
-    files, a memory-mapped slice at a time, so no rank ever holds more than its shard and one slice.
-    Buffers the checkpoint does not hold (the rotary tables) are computed by their module's constructor."""
-    from safetensors import safe_open
-
+    files (rows are contiguous), one slice at a time, so no rank ever holds more than its shard and one
+    slice. Read, not memory-mapped: the pages of a mapping stay in the process's resident set while the
+    file is open, and would add the file's rows to the shard. Buffers the checkpoint does not hold (the
+    rotary tables) are computed by their module's constructor."""
     keep = _keeps_fp32("transformer", dtype)
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     filled = set()
     with torch.no_grad():
         for path in sorted((Path(folder) / subfolder).glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as handle:
-                for name in handle.keys():
+            header = read_safetensors_header(path)
+            with open(path, "rb") as handle:
+                data_start = 8 + struct.unpack("<Q", handle.read(8))[0]
+                for name, info in header.items():
                     local = _local(params[name])
                     start, end = shard_rows(params[name].shape[0], shard_rank, shard_count)
                     if end > start:
                         target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
-                        local.copy_(handle.get_slice(name)[start:end].to(target))
+                        local.copy_(_read_rows(handle, data_start, info, start, end).to(target))
                     filled.add(name)
         missing = sorted(set(params) - filled)
         if missing:
             raise ValueError(f"{folder}/{subfolder} holds no weights for {', '.join(missing[:3])}")
         _rebuild_rotary_tables(model, device)
     model.eval()
+
+
+def _read_rows(handle, data_start: int, info: dict[str, Any], start: int, end: int) -> torch.Tensor:
+    """Rows `start:end` of one tensor of an open safetensors file (its header entry `info`)."""
+    dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    handle.seek(data_start + info["data_offsets"][0] + start * row_bytes)
+    data = bytearray((end - start) * row_bytes)
+    if handle.readinto(data) != len(data):
+        raise ValueError(f"{handle.name} ends inside its tensor rows")
+    return torch.frombuffer(data, dtype=dtype).reshape(end - start, *shape[1:])
 
 
 def _rebuild_rotary_tables(model: torch.nn.Module, device: torch.device) -> None:
@@ -253,7 +267,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     for name, info in header.items():
         try:
             begin, end = info["data_offsets"]
-            ok = info["dtype"] in _SAFETENSORS_DTYPE_BYTES and 0 <= begin <= end <= data_bytes
+            ok = info["dtype"] in SAFETENSORS_DTYPES and 0 <= begin <= end <= data_bytes \
+                and end - begin == math.prod(info["shape"]) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
@@ -289,6 +304,6 @@ def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtyp
             elif info["dtype"].startswith(("F", "BF")):
                 element = 4 if any(k in name.split(".") for k in keep) else dtype.itemsize
             else:
-                element = _SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+                element = SAFETENSORS_DTYPES[info["dtype"]].itemsize
             total += numel * element
     return total

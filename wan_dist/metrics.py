@@ -26,6 +26,9 @@ class RankMetrics:
     loaded: dict[str, int] = field(default_factory=dict)
     # Memory in use after each video (not the peak), so growth along a prompt queue shows.
     after_video_bytes: list[int] = field(default_factory=list)
+    # The process's peak so far right after each component was loaded: at most what loading it (and all
+    # before it) took, the load's own peak where it is the largest yet.
+    peak_when_loaded: dict[str, int] = field(default_factory=dict)
     # The most a phase (the VAE decode) allocated beyond what was there when it began.
     phase_peak_bytes: dict[str, int] = field(default_factory=dict)
     _cuda_peak_floor: int = 0  # the CUDA peak before a phase's measurement reset the counter
@@ -64,6 +67,7 @@ class RankMetrics:
     def hold(self, component: str, nbytes: int) -> None:
         self.parameter_bytes[component] = nbytes
         self.loaded[component] = nbytes
+        self.peak_when_loaded[component] = peak_memory_bytes(torch.device(self.device))
         self.peak_parameter_bytes = max(self.peak_parameter_bytes, sum(self.parameter_bytes.values()))
 
     def release(self, component: str) -> None:
@@ -80,6 +84,7 @@ class RankMetrics:
             "peak_parameter_bytes": self.peak_parameter_bytes,
             "peak_bytes": max(peak_memory_bytes(device), self._cuda_peak_floor), "peak_kind": peak_kind(device),
             "phase_peak_bytes": dict(self.phase_peak_bytes),
+            "peak_bytes_when_loaded": dict(self.peak_when_loaded),
             "after_video_bytes": list(self.after_video_bytes),
             "after_video_kind": "cuda_allocated" if device.type == "cuda" else "cpu_rss",
             # The cores this rank may run on (parallel.pin_cpus) and its compute threads.

@@ -178,8 +178,14 @@ class Link:
     latency_s: float = 10e-6
 
 
+# One direction, per GPU, as specified (measured rates are lower: NCCL reaches about 80% of them, so the
+# predictions are best cases). NVLink 4 (H100/H200 SXM): 900 GB/s per GPU both ways together, NVIDIA's
+# H100 data sheet. PCIe 4.0 x16, the link of the 24 GB RTX 3090/4090: 16 GT/s on 16 lanes, 128b/130b
+# coded, PCI-SIG's base specification.
 NVLINK = Link("NVLink", 450e9)
-PCIE = Link("PCIe", 40e9)
+PCIE = Link("PCIe", 16e9 * 16 * 128 / 130 / 8)
+# Host-to-device copies (block offload) cross PCIe whatever links the GPUs have between them.
+HOST_LINK = PCIE
 
 
 @dataclass(frozen=True)
@@ -261,6 +267,88 @@ def scaling_table(
                 rows.append(asdict(predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link,
                                                 single_step_s=single_step_s, guided=guided)))
     return rows
+
+
+def block_parameters(dit_config: dict) -> int:
+    """Parameters of one WanTransformerBlock: self- and cross-attention (q, k, v, out with biases, the q/k
+    RMS norms; I2V's image keys and values), the affine cross-attention norm, the FFN and the modulation
+    table."""
+    dim, ffn = dit_config["num_attention_heads"] * dit_config["attention_head_dim"], dit_config["ffn_dim"]
+    attention = 4 * (dim * dim + dim) + 2 * dim
+    image = 2 * (dim * dim + dim) + dim if dit_config.get("image_dim") else 0
+    return 2 * attention + image + 2 * dim + (2 * dim * ffn + ffn + dim) + 6 * dim
+
+
+@dataclass(frozen=True)
+class TransferPrediction:
+    """One block's weights moved once per DiT forward, against that block's compute: FSDP's all-gather
+    (each GPU receives the other GPUs' shards over `link`) or block offload's host-to-device copy (the
+    whole block over PCIe). With one block prefetched the copy runs under the previous block's compute, so
+    it is hidden when it is the shorter; what exceeds it is added to every block of every forward."""
+
+    option: str  # "fsdp" or "offload"
+    mode: str
+    gpus: int
+    link: str
+    block_bytes: int
+    transfer_s: float  # per block and forward
+    compute_s: float  # per block and forward
+    hidden: bool
+    exposed_step_s: float  # what the step takes longer
+
+
+def predict_transfer(
+    dit_config: dict, tokens: int, *, option: str, mode: str, gpus: int, link: Link, single_step_s: float,
+    guided: bool = True, bytes_per_element: int = 2,
+) -> TransferPrediction:
+    """`option` (fsdp: the DiT sharded over the `gpus`; offload: every GPU streams its replica from host
+    memory) under `mode` on `gpus` GPUs (predict_step's modes), with weights stored in
+    `bytes_per_element` (1 for fp8). A block's compute is the predicted step's compute over its forwards
+    and blocks (the blocks are all but a fraction of a percent of the FLOPs)."""
+    if option not in ("fsdp", "offload") or (option == "fsdp" and gpus < 2):
+        raise ValueError(f"no transfer model for {option!r} on {gpus} GPU(s)")
+    step = predict_step(dit_config, tokens, mode=mode, gpus=gpus, link=link, single_step_s=single_step_s,
+                        guided=guided)
+    forwards = (2 if guided else 1) // (2 if mode.startswith("cfg") else 1)
+    layers = dit_config["num_layers"]
+    compute = step.compute_s / forwards / layers
+    nbytes = block_parameters(dit_config) * bytes_per_element
+    if option == "fsdp":
+        transfer = nbytes * (gpus - 1) / gpus / link.bytes_per_s + (gpus - 1) * link.latency_s
+        over = link.name
+    else:
+        transfer = nbytes / HOST_LINK.bytes_per_s + HOST_LINK.latency_s
+        over = f"{HOST_LINK.name} (host)"
+    return TransferPrediction(option, mode, gpus, over, nbytes, transfer, compute, transfer <= compute,
+                              max(0.0, transfer - compute) * forwards * layers)
+
+
+def transfer_table(
+    dit_config: dict, tokens: int, *, single_step_s: float, gpu_counts: tuple[int, ...] = (1, 2, 4, 8),
+    guided: bool = True, bytes_per_element: int = 2,
+) -> list[dict]:
+    """FSDP and block offload under Ulysses on each GPU count (FSDP from two), over NVLink and PCIe."""
+    rows = []
+    for option in ("fsdp", "offload"):
+        links = (NVLINK, PCIE) if option == "fsdp" else (HOST_LINK,)
+        for link in links:
+            for gpus in gpu_counts:
+                if option == "fsdp" and gpus < 2:
+                    continue
+                rows.append(asdict(predict_transfer(
+                    dit_config, tokens, option=option, mode="ulysses" if gpus > 1 else "single", gpus=gpus,
+                    link=link, single_step_s=single_step_s, guided=guided, bytes_per_element=bytes_per_element)))
+    return rows
+
+
+def transfer_markdown(rows: list[dict]) -> str:
+    lines = ["| option | GPUs | link | block MB | transfer ms | compute ms | hidden by prefetch | step s added |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['option']} | {r['gpus']} | {r['link']} | {r['block_bytes'] / 1e6:.0f} "
+                     f"| {1e3 * r['transfer_s']:.2f} | {1e3 * r['compute_s']:.2f} | {'yes' if r['hidden'] else 'no'} "
+                     f"| {r['exposed_step_s']:.3f} |")
+    return "\n".join(lines)
 
 
 # Wan2.1's published end-to-end seconds for T2V-14B at 720p (1280x720, 81 frames, 50 steps) on H800s.
@@ -347,7 +435,28 @@ def decode_share_markdown(steps: int = 50, link: Link = NVLINK) -> str:
     return "\n".join(lines)
 
 
+def fitted_efficiency() -> float:
+    """The fraction of an H800's bf16 peak the fitted one-GPU step reaches (T2V-14B, 720p, both branches)."""
+    flops = step_flops(WAN_14B_CONFIG, WAN_720P_TOKENS, guided=True)
+    return flops / fit_official()["single_step_s"] / (gpu_peak_tflops("H800") * 1e12)
+
+
+def estimated_step_s(dit_config: dict, tokens: int, *, guided: bool, device_name: str = "H100") -> float:
+    """One GPU's step where none was measured (launch/plan.py): the FLOPs at the fitted efficiency of
+    `device_name`'s data-sheet peak."""
+    return step_flops(dit_config, tokens, guided=guided) / (fitted_efficiency() * gpu_peak_tflops(device_name) * 1e12)
+
+
+def fitted_transfer_markdown() -> str:
+    """T2V-14B at 720p x 81 frames (bf16 weights) on the fitted H800 step: FSDP's all-gather and block
+    offload's copy per block against the block's compute."""
+    fit = fit_official()
+    return transfer_markdown(transfer_table(WAN_14B_CONFIG, WAN_720P_TOKENS, single_step_s=fit["single_step_s"]))
+
+
 if __name__ == "__main__":
     print(official_comparison_markdown())
     print()
     print(decode_share_markdown())
+    print()
+    print(fitted_transfer_markdown())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,8 +52,9 @@ ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
 
 @dataclass(frozen=True)
 class DeviceFacts:
-    """What the plan needs to know of the device: its kind, its compute capability (CUDA) and its memory.
-    Read from the device a run has; stated for a device a planner only imagines (launch/plan.py)."""
+    """What the plan needs to know of the device: its kind, its compute capability (CUDA) and the memory
+    free for the run. Read from the device a run has; stated for a device a planner only imagines
+    (launch/plan.py)."""
 
     type: str
     capability: tuple[int, int] | None = None
@@ -63,7 +64,7 @@ class DeviceFacts:
     def of(device: torch.device) -> "DeviceFacts":
         if device.type != "cuda":
             return DeviceFacts(device.type)
-        return DeviceFacts("cuda", device_capability(device), torch.cuda.get_device_properties(device).total_memory)
+        return DeviceFacts("cuda", device_capability(device), torch.cuda.mem_get_info(device)[0])
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class JobPlan:
     out_dir: Path
     seed: int
     ranks: tuple[RankPlan, ...] = field(default=())
+    added: tuple[str, ...] = ()  # what the planner (planner.py) added to fit the device, as overrides
 
     @property
     def guided(self) -> bool:
@@ -227,7 +229,7 @@ class JobPlan:
             "world_size": self.world_size, "device": self.device_type,
             "layout": {"cfg": self.dims.cfg, "ring": self.dims.ring, "ulysses": self.dims.ulysses,
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
-                       "describe": self.dims.describe()},
+                       "describe": self.dims.describe(), "added": list(self.added)},
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
                                   "ranks": list(c.ranks), "weight_bytes": c.weight_bytes,
                                   "storage_dtype": str(c.storage_dtype or c.dtype).removeprefix("torch."),
@@ -253,7 +255,8 @@ class JobPlan:
                  f"{self.world_size} rank(s) on {self.device_type}: {self.dims.describe()}; "
                  f"latents {tuple(self.latent.shape)} = {self.num_tokens} DiT tokens; "
                  f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}"
-                 + ("; DiT sharded over the DiT ranks (FSDP2)" if self.fsdp else ""),
+                 + ("; DiT sharded over the DiT ranks (FSDP2)" if self.fsdp else "")
+                 + (f"; added to fit the device: {' '.join(self.added)}" if self.added else ""),
                  f"{len(self.videos)} video(s) into {self.out_dir}", "",
                  f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11} {'peak GiB':>9}"]
         for r in self.ranks:
@@ -271,13 +274,32 @@ def _identity(value: Any) -> Any:
 def build_plan(
     run: RunConfig, *, world_size: int, rank: int, device: torch.device, out_dir: str | Path, seed: int,
     agree: Callable[[Any], Any] = _identity, facts_of_device: DeviceFacts | None = None,
+    given: Collection[str] = (), choose: bool = True,
 ) -> JobPlan:
     """Resolve `run` for this world. Called on every rank with the same arguments; `agree(value)` returns
     rank 0's `value` on every rank (the session's broadcast), used where only rank 0 can find out (the
-    output dir it will write, the model it builds on first use). Raises ConfigError on every rank alike.
-    `facts_of_device` stands in for `device`'s own (a planner's imagined GPU)."""
+    output dir it will write, the model it builds on first use, its GPU's free memory). Raises ConfigError
+    on every rank alike. `facts_of_device` stands in for `device`'s own (a planner's imagined GPU).
+
+    On a GPU the planner (planner.py) fills what the user left open (`given`: the keys named on the
+    command line) with the first of its steps that fits the free memory, or stops here, before any weight
+    is read, naming the smallest change that would fit. `choose=False`: the plan of `run` as it is."""
+    device_facts = facts_of_device or agree(DeviceFacts.of(device))
+    if choose and device_facts.type == "cuda":
+        from . import planner
+
+        def build(candidate: RunConfig, size: int) -> JobPlan:
+            return build_plan(candidate, world_size=size, rank=rank, device=device, out_dir=out_dir, seed=seed,
+                              agree=agree, facts_of_device=device_facts, choose=False)
+
+        keys = planner.given_keys(run, given)
+        memory = device_facts.memory_bytes
+        choice = planner.choose(run, given=keys, world_size=world_size, memory_bytes=memory, build=build)
+        if not choice.fits:
+            raise ConfigError(planner.refusal(run, choice, given=keys, world_size=world_size,
+                                              memory_bytes=memory, build=build))
+        return replace(choice.plan, added=choice.added)
     facts = validate_run(run)
-    device_facts = facts_of_device or DeviceFacts.of(device)
     out_dir = Path(out_dir)
     run = copy.deepcopy(run)
     # The layout first: a bad one is refused before a built preset is built (its head count is known
@@ -339,8 +361,7 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims, device_facts,
-                                         sum(components[name].weight_bytes for name in experts))
+    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims)
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -403,9 +424,9 @@ def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: 
     return tuple(range(world_size))
 
 
-def _resolve_fsdp(setting: str, dims: ParallelDims, device: DeviceFacts, replica_bytes: int) -> bool:
-    """`true` needs two DiT ranks to shard over; `auto` shards on a GPU that a DiT replica would fill more
-    than half of (the rest is for activations, the VAE decode and the allocator), never on a CPU."""
+def _resolve_fsdp(setting: str, dims: ParallelDims) -> bool:
+    """`true` needs two DiT ranks to shard over; `auto` is left to the planner (planner.py), which sets
+    `true` on a GPU the run does not fit unsharded, and never on a CPU."""
     setting = str(setting).lower()
     if setting not in SWITCHES:
         fail("parallel.fsdp", setting, f"one of {', '.join(SWITCHES)}")
@@ -413,10 +434,6 @@ def _resolve_fsdp(setting: str, dims: ParallelDims, device: DeviceFacts, replica
     if setting == "true" and not shardable:
         fail("parallel.fsdp", True, f"false or auto with one DiT rank ({dims.describe()}): sharding needs at "
              "least two DiT ranks to split the weights over")
-    if setting == "auto":
-        if device.type != "cuda" or not shardable:
-            return False
-        return replica_bytes > device.memory_bytes // 2
     return setting == "true"
 
 

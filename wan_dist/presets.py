@@ -6,7 +6,7 @@ and the bench all read these tables; nothing else lists a preset.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 # Wan2.1's own negative prompt for its 14B and 1.3B models (the official generate.py's default).
 WAN_NEGATIVE_PROMPT = (
@@ -211,6 +211,14 @@ _PARALLEL_PRESETS = (
 PARALLEL_PRESETS: dict[str, ParallelPreset] = {preset.name: preset for preset in _PARALLEL_PRESETS}
 
 
+# The memory options a layout can add, each as the one override it stands for (`make bench` runs each
+# beside the same layout without it).
+MEMORY_OPTIONS = {"fsdp": "parallel.fsdp=true", "offload": "model.dit_offload=block",
+                  "fp8": "model.dit_storage_dtype=fp8_e4m3"}
+# Block offload streams the blocks from host memory to a CUDA device; elsewhere it is refused.
+CUDA_ONLY_OPTIONS = frozenset({"offload"})
+
+
 @dataclass(frozen=True)
 class Layout:
     """A named layout with every degree pinned, so its world size is known before it starts: what
@@ -223,15 +231,29 @@ class Layout:
     ring: int = 1
     stage_split: bool = False
     compile: bool = False
+    memory: str | None = None  # a key of MEMORY_OPTIONS
+
+    @property
+    def base(self) -> str | None:
+        """The layout this one is without its memory option."""
+        if self.memory is None:
+            return None
+        return next(other.name for other in _LAYOUTS
+                    if other.memory is None and replace(other, name=self.name, memory=self.memory) == self)
 
     @property
     def world_size(self) -> int:
         return self.cfg * self.ulysses * self.ring + int(self.stage_split)
 
     def hydra_node(self) -> dict:
-        return {"parallel": {"preset": self.parallel, "cfg_degree": self.cfg, "ulysses_degree": self.ulysses,
-                             "ring_degree": self.ring, "stage_split": self.stage_split},
-                "compile": self.compile}
+        node: dict = {"parallel": {"preset": self.parallel, "cfg_degree": self.cfg, "ulysses_degree": self.ulysses,
+                                   "ring_degree": self.ring, "stage_split": self.stage_split},
+                      "compile": self.compile}
+        if self.memory is not None:
+            key, value = MEMORY_OPTIONS[self.memory].split("=")
+            group, name = key.split(".")
+            node.setdefault(group, {})[name] = value
+        return node
 
 
 _LAYOUTS = (
@@ -248,5 +270,8 @@ _LAYOUTS = (
     Layout("ulysses4", "ulysses", ulysses=4),
     Layout("cfg_ulysses4", "cfg_usp", cfg=2, ulysses=4),
     Layout("ulysses8", "ulysses", ulysses=8),
+    Layout("single_fp8", "single", memory="fp8"),
+    Layout("single_offload", "single", memory="offload"),
+    Layout("cfg_fsdp", "cfg", cfg=2, memory="fsdp"),
 )
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in _LAYOUTS}

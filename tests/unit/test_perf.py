@@ -15,7 +15,8 @@ from wan_dist.config import ConfigError, RunConfig
 from wan_dist.loading import load_transformer, read_component_config
 from wan_dist.presets import MODEL_PRESETS
 from wan_dist.perf import (
-    NVLINK, PCIE, dit_flops, gpu_peak_tflops, measure_matmul_tflops, predict_step, step_flops,
+    HOST_LINK, NVLINK, PCIE, block_parameters, dit_flops, gpu_peak_tflops, measure_matmul_tflops, predict_step,
+    predict_transfer, step_flops, transfer_markdown, transfer_table,
 )
 
 
@@ -59,7 +60,8 @@ def test_cpu_matmul_peak_is_measured():
 def _official_config(preset: str) -> dict:
     with torch.device("meta"):
         transformer = build_transformer(MODEL_PRESETS[preset].spec)
-    return {"params": sum(p.numel() for p in transformer.parameters()), **transformer.config}
+    return {"params": sum(p.numel() for p in transformer.parameters()),
+            "block_params": sum(p.numel() for p in transformer.blocks[0].parameters()), **transformer.config}
 
 
 @pytest.mark.parametrize(("preset", "low", "high"), [("t2v_1_3b", 1.3e9, 1.5e9), ("t2v_14b", 13.5e9, 14.5e9),
@@ -117,3 +119,43 @@ def test_scaling_model_against_the_official_14b_figures():
     assert abs(rows[4]["error"]) < 0.01 and abs(rows[8]["error"]) < 0.08
     assert 0 < fit["fixed_s"] < 100
     assert "| 8 | 287.9 |" in official_comparison_markdown()
+
+
+@pytest.mark.parametrize("preset", ["t2v_1_3b", "i2v_14b_480p"])
+def test_block_parameters_are_the_models(preset):
+    config = _official_config(preset)
+    assert block_parameters(config) == config["block_params"]
+
+
+def test_transfers_against_block_compute():
+    """FSDP's all-gather brings (P-1)/P of a block over the GPUs' link; offload brings the whole block over
+    the host's PCIe; either is hidden by the prefetch while it is shorter than the block's compute."""
+    config = _official_config("t2v_14b")
+    block = config["block_params"] * 2
+    long = predict_transfer(config, 21 * 45 * 80, option="fsdp", mode="ulysses", gpus=2, link=PCIE,
+                            single_step_s=36.0)
+    assert long.block_bytes == block
+    assert long.transfer_s == pytest.approx(block / 2 / PCIE.bytes_per_s + PCIE.latency_s)
+    # 36 s a step, both branches on each GPU, half the tokens each: 36 / 2 / 2 / 40 s a block, less the
+    # repeated text keys and values.
+    assert long.compute_s == pytest.approx(36.0 / 2 / 2 / 40, rel=0.01)
+    assert long.hidden and long.exposed_step_s == 0
+    # A short video: the compute no longer covers the copy; what exceeds it repeats per block and forward.
+    short = predict_transfer(config, 1560, option="offload", mode="single", gpus=1, link=NVLINK, single_step_s=0.5)
+    assert short.link == f"{HOST_LINK.name} (host)" and short.transfer_s == pytest.approx(
+        block / HOST_LINK.bytes_per_s + HOST_LINK.latency_s)
+    assert not short.hidden
+    assert short.exposed_step_s == pytest.approx((short.transfer_s - short.compute_s) * 2 * 40)
+    fp8 = predict_transfer(config, 1560, option="offload", mode="single", gpus=1, link=NVLINK, single_step_s=0.5,
+                           bytes_per_element=1)
+    assert fp8.block_bytes == block // 2 and fp8.transfer_s < short.transfer_s
+    # NVLink gathers 14x faster than PCIe 4.0; FSDP needs two GPUs.
+    fast, slow = (predict_transfer(config, 21 * 45 * 80, option="fsdp", mode="ulysses", gpus=8, link=link,
+                                   single_step_s=4.0) for link in (NVLINK, PCIE))
+    assert fast.hidden and not slow.hidden
+    with pytest.raises(ValueError):
+        predict_transfer(config, 1560, option="fsdp", mode="single", gpus=1, link=NVLINK, single_step_s=0.5)
+    rows = transfer_table(config, 1560, single_step_s=0.5)
+    assert {(r["option"], r["gpus"]) for r in rows} >= {("fsdp", 2), ("fsdp", 8), ("offload", 1)}
+    assert ("fsdp", 1) not in {(r["option"], r["gpus"]) for r in rows}
+    assert "| offload | 1 | PCIe (host) | 703 |" in transfer_markdown(rows)

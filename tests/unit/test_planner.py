@@ -1,0 +1,88 @@
+"""The planner (wan_dist/planner.py) as `parallel=auto` runs it on a GPU, here one the plan imagines (this
+machine has none): the 1.3B architecture from its shapes-only folder, at a small size so that its 2.8 GB
+of bf16 weights are most of a rank's memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan_dist.building import ensure_shapes_folder
+from wan_dist.config import RunConfig
+from wan_dist.errors import ConfigError
+from wan_dist.plan import DeviceFacts, JobPlan, build_plan
+from wan_dist.planner import STEPS, USABLE, apply, given_keys
+
+GPU = torch.device("cuda", 0)
+
+
+@pytest.fixture(scope="module")
+def run() -> RunConfig:
+    run = RunConfig()
+    run.model.preset, run.model.path = "t2v_1_3b", str(ensure_shapes_folder("t2v_1_3b"))
+    run.height, run.width, run.num_frames, run.guidance_scale = 128, 224, 9, 5.0
+    return run
+
+
+def plan(run: RunConfig, tmp_path, *, world_size: int, gib: float, given: list[str] = (),
+         choose: bool = True) -> JobPlan:
+    return build_plan(run, world_size=world_size, rank=0, device=GPU, out_dir=tmp_path, seed=0, given=given,
+                      facts_of_device=DeviceFacts("cuda", (9, 0), int(gib * 2**30)), choose=choose)
+
+
+def room(peak: float) -> float:
+    """GiB of a GPU whose usable share just holds `peak` GiB (a KiB more: the byte counts are whole)."""
+    return peak / USABLE + 2**-20
+
+
+def peak_gib(plan_: JobPlan) -> float:
+    return max(m.peak for m in plan_.memory) / 2**30
+
+
+def step_peak(run: RunConfig, tmp_path, overrides: tuple[str, ...], world_size: int) -> float:
+    return peak_gib(plan(apply(run, overrides), tmp_path, world_size=world_size, gib=1e4, choose=False))
+
+
+def test_auto_takes_the_first_step_that_fits(run, tmp_path):
+    replica, sharded = (step_peak(run, tmp_path, STEPS[i][1], 2) for i in (0, 1))
+    assert sharded < replica
+    roomy = plan(run, tmp_path, world_size=2, gib=room(replica))
+    assert roomy.added == () and not roomy.fsdp and roomy.dims.cfg == 2
+    tight = plan(run, tmp_path, world_size=2, gib=room(sharded))
+    assert tight.added == ("parallel.fsdp=true",) and tight.fsdp
+    # The dry run shows what was added, and plan.json carries it.
+    assert "added to fit the device: parallel.fsdp=true" in tight.table()
+    assert tight.to_json()["layout"]["added"] == ["parallel.fsdp=true"]
+
+
+def test_settings_given_are_kept(run, tmp_path):
+    sharded = step_peak(run, tmp_path, STEPS[1][1], 2)
+    pinned = plan(run, tmp_path, world_size=2, gib=room(sharded), given=["parallel.fsdp=false"])
+    # Every sharding step skipped: the blocks streamed from host memory instead.
+    assert pinned.added == STEPS[-1][1] and not pinned.fsdp and pinned.components["dit"].offload
+    # A value that differs from the schema's default counts as given, wherever it was set.
+    offload_off = apply(run, ["model.dit_offload=none", "parallel.vae_decode=patch"])
+    assert given_keys(offload_off) == {"parallel.vae_decode"}
+    assert given_keys(offload_off, ["model.dit_offload=none"]) == {"parallel.vae_decode", "model.dit_offload"}
+
+
+def test_nothing_fits_names_the_change_that_would(run, tmp_path):
+    sharded = step_peak(run, tmp_path, STEPS[1][1], 2)
+    with pytest.raises(ConfigError) as error:
+        plan(run, tmp_path, world_size=2, gib=room(sharded), given=["parallel.fsdp=false", "model.dit_offload=none"])
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("model=t2v_1_3b at 128x224x9, parallel=auto does not fit 2 GPU(s) with ")
+    assert "it would fit with parallel.fsdp=true" in message
+
+
+def test_more_gpus_or_fp8_named_when_no_layout_fits(run, tmp_path):
+    offload_2 = step_peak(run, tmp_path, STEPS[-1][1], 2)
+    offload_1 = step_peak(run, tmp_path, STEPS[-1][1], 1)
+    fp8_offload_1 = step_peak(apply(run, ["model.dit_storage_dtype=fp8_e4m3"]), tmp_path, STEPS[-1][1], 1)
+    assert offload_2 < fp8_offload_1 < offload_1
+    with pytest.raises(ConfigError) as error:
+        plan(run, tmp_path, world_size=1, gib=room(fp8_offload_1))
+    message = str(error.value)
+    assert "it would fit on 2 such GPUs or with model.dit_storage_dtype=fp8_e4m3 parallel=usp " \
+        "model.dit_offload=block parallel.vae_decode=patch (lossy: changes the output)" in message, message
