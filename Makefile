@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # One thread per rank unless asked otherwise: ranks share the cores (and torchrun warns when unset).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test test-gpu bench sweep clean gpu-wheels gpu-check
+.PHONY: install run test test-slow test-gpu bench sweep clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -26,7 +26,11 @@ run: $(STAMP)
 	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# The real-size CPU tests (the 1.3B architecture sharded over two ranks: about 6 minutes).
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
