@@ -317,7 +317,7 @@ def expert_group_sizes(p: ParallelConfig, dit_world: int,
     proportion to the steps each expert runs (`expert_steps`; None: only check), at least one each."""
     if dit_world < 2:
         fail("parallel.expert_split", True, f"false with {dit_world} DiT rank: each expert needs a group of its "
-             "own (at least 2 DiT ranks; start more ranks or drop the stage split)")
+             "own (at least 2 DiT ranks)")
     if p.expert_ranks is not None:
         sizes = list(p.expert_ranks)
         if len(sizes) != 2 or any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != dit_world:

@@ -236,9 +236,11 @@ class Layout:
         return self.cfg * self.ulysses * self.ring * (2 if self.expert_split else 1) + int(self.stage_split)
 
     def hydra_node(self) -> dict:
+        group = self.cfg * self.ulysses * self.ring
         return {"parallel": {"preset": self.parallel, "cfg_degree": self.cfg, "ulysses_degree": self.ulysses,
                              "ring_degree": self.ring, "stage_split": self.stage_split,
-                             "expert_split": self.expert_split},
+                             "expert_split": self.expert_split,
+                             "expert_ranks": [group, group] if self.expert_split else None},
                 "compile": self.compile}
 
 

@@ -94,3 +94,19 @@ def test_a_split_where_one_expert_runs_no_step(tmp_path, family_folders):
     run.steps = 1  # one step, at timestep 999: the high-noise expert's
     with pytest.raises(ConfigError, match="the low-noise expert runs no step"):
         plan_for(run, 2, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["expert_split", "expert_split_cfg"])
+def test_expert_layouts_pin_two_equal_groups(name):
+    """`+layout=expert_split...` pins the degrees, so each group is their product and the launcher knows
+    the world size before the model's steps are counted."""
+    from wan_dist.config import ParallelConfig
+    from wan_dist.parallel_dims import pinned_world_size, resolve_parallel_dims
+    from wan_dist.presets import LAYOUTS
+
+    layout = LAYOUTS[name]
+    p = ParallelConfig(**layout.hydra_node()["parallel"])
+    assert pinned_world_size(p) == layout.world_size
+    dims = resolve_parallel_dims(p, world_size=layout.world_size, num_heads=8, guidance_scale=5.0,
+                                 expert_steps=(3, 1))
+    assert [g.size for g in dims.groups] == [layout.world_size // 2] * 2
