@@ -4,6 +4,7 @@
     python launch/bench.py --model t2v_1_3b    # GPU: the 1.3B architecture, random bf16 weights, 480x832x81
     python launch/bench.py --nproc 1 2 4 --model t2v_14b -- steps=10
     python launch/bench.py --model t2v_1_3b -- model.path=/models/Wan2.1-T2V-1.3B-Diffusers   # real weights
+    python launch/bench.py --model bench_moe --layouts expert_queue   # the expert pipeline on a 4-prompt queue
 
 The layouts (presets.LAYOUTS) run as one Hydra multirun on the torchrun launcher (`+layout=...`), each
 under its own torchrun; diffusers' WanPipeline runs in one process on the same folder,
@@ -13,7 +14,9 @@ offload on a CPU) is reported as n/a with the plan's reason. Reported side by si
 which warms up), end-to-end seconds, peak memory per rank, speed-up over `single` and parallel efficiency,
 and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
 the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
-rank) on CPU. A prompt queue compares a stage split with the same queue in one process. On CPU, the
+rank) on CPU. A prompt queue compares a stage split with the same queue in one process; for a two-expert
+model (`--model bench_moe` on CPU, `t2v_a14b` on GPUs), the expert pipeline (`parallel.expert_split`) with
+the same queue on the same ranks without it (EXPERT_QUEUE_PAIRS), in videos per second. On CPU, the
 machine's parallel ceiling is measured right before each multi-rank run (about 10 s each): a virtual
 machine's host gives the second core a share that changes from minute to minute.
 
@@ -45,6 +48,9 @@ from wan_dist.sweep import collect_jobs  # noqa: E402
 # Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
 # with random weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
 MODEL_DEFAULTS = {name: list(p.bench_overrides) for name, p in MODEL_PRESETS.items() if p.bench_overrides}
+# Per world size: the layout a two-expert model's queue runs in without the expert split (what
+# parallel=auto picks with guidance), and the expert split on the same ranks.
+EXPERT_QUEUE_PAIRS = {2: ("cfg", "expert_split"), 4: ("cfg_ulysses", "expert_split_cfg")}
 QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "a city street in the rain",
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
@@ -227,6 +233,11 @@ def add_derived(results: list[dict], flops_per_step: float, peak_tflops: float) 
             r["efficiency"] = r["speedup"] / r["nproc"]
 
 
+def throughput(result: dict) -> float:
+    """Videos per second once every model is loaded: what a long queue approaches."""
+    return result["videos"] / (result["total_s"] - result["timings"]["load_s"])
+
+
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -258,12 +269,17 @@ def write_tables(report: dict, path: Path) -> None:
                      f"| {r['dit_tflops_per_rank']:.3f} | {r['fraction_of_peak']:.0%} | {peaks} |")
     queue = [r for r in report["results"] if r["ok"] and r["videos"] > 1]
     if queue:
-        lines += ["", f"Prompt queue of {queue[0]['videos']} videos, end to end:", "",
-                  "| layout | ranks | total s | s per video | speedup |", "| --- | --- | --- | --- | --- |"]
-        base = queue[0]["total_s"]
+        lines += ["", f"Prompt queue of {queue[0]['videos']} videos, end to end (throughput: videos per second "
+                  "once the models are loaded; the expert rows are against the first expert row):", "",
+                  "| layout | ranks | mesh | total s | s per video | videos/s after load | speedup |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in queue:
-            lines.append(f"| {r['name']} | {r['nproc']} | {r['total_s']:.1f} | {r['total_s'] / r['videos']:.1f} "
-                         f"| {base / r['total_s']:.2f} |")
+            expert = r["name"].startswith("expert_queue_")
+            base = next(q for q in queue if q["name"].startswith("expert_queue_") == expert
+                        and (not expert or q["nproc"] == r["nproc"]))
+            lines.append(f"| {r['name']} | {r['nproc']} | {r['mesh']} | {r['total_s']:.1f} "
+                         f"| {r['total_s'] / r['videos']:.1f} | {throughput(r):.4f} "
+                         f"| {throughput(r) / throughput(base):.2f} |")
     if report.get("memory_options"):
         lines += ["", "Memory options, each beside the same layout without it (GiB per rank, rank 0 first):", "",
                   "| option | layout | s/step without | s/step with | with / without | peak GiB without | peak GiB with "
@@ -351,7 +367,7 @@ def resolve_run(overrides: list[str]) -> dict:
     from wan_dist.pipeline import latent_shape
 
     run = _compose(overrides)
-    validate_run(run)
+    facts = validate_run(run)
     folder = model_folder(run.model)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dit_config = read_component_config(folder, "transformer")
@@ -363,6 +379,7 @@ def resolve_run(overrides: list[str]) -> dict:
         "num_frames": run.num_frames, "steps": run.steps, "guidance_scale": run.guidance_scale,
         "seed": run.seed if run.seed >= 0 else 0, "prompt": run.prompt, "negative_prompt": run.negative_prompt,
         "dit_dtype": run.model.dit_dtype,  # resolved for the device by the diffusers run, as the app does
+        "experts": facts.experts > 1,
     }
 
 
@@ -409,7 +426,8 @@ def main() -> None:
     names = [name for name, layout in LAYOUTS.items() if layout.world_size in args.nproc
              and (args.layouts is None or name in args.layouts)
              # inductor's CPU code adds minutes of compilation to a CPU bench; ask for it by name
-             and not (name == "compiled" and not on_gpu and args.layouts is None)]
+             and not (name == "compiled" and not on_gpu and args.layouts is None)
+             and not layout.expert_split]  # a queue's layout (below): one video has nothing to pipeline
     # A memory option is measured beside its layout without it.
     names += [base for name in names if (base := LAYOUTS[name].base) and base not in names]
     not_applicable = refused_here(overrides, names)
@@ -418,7 +436,9 @@ def main() -> None:
     queue = bool(args.queue) and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts)
     # The VAE decode alone, one rank against two (the Wan2.1 VAE architecture, random weights).
     vae_decode = 2 in args.nproc and (args.layouts is None or "vae_decode" in args.layouts)
-    if queue:
+    expert_worlds = [n for n in args.nproc if n in EXPERT_QUEUE_PAIRS] \
+        if args.queue and spec["experts"] and (args.layouts is None or "expert_queue" in args.layouts) else []
+    if queue or expert_worlds:
         out.mkdir(parents=True, exist_ok=True)
         prompts = out / "queue_prompts.txt"
         prompts.write_text("\n".join((QUEUE_PROMPTS * args.queue)[: args.queue]) + "\n")
@@ -434,6 +454,10 @@ def main() -> None:
         if queue:
             queued = run_layouts(["single", "stage_split"], overrides + [f"prompts_file={prompts}"], where / "queue")
             results.update({f"queue_{name}": {**r, "name": f"queue_{name}"} for name, r in queued.items()})
+        for world in expert_worlds:
+            queued = run_layouts(list(EXPERT_QUEUE_PAIRS[world]), overrides + [f"prompts_file={prompts}"],
+                                 where / f"expert_queue{world}")
+            results.update({f"expert_queue_{name}": {**r, "name": f"expert_queue_{name}"} for name, r in queued.items()})
         for name, result in results.items():
             brief = {k: result.get(k) for k in ("name", "nproc", "ok", "step_s", "total_s", "ceiling", "error")
                      if k in result}

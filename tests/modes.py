@@ -21,10 +21,13 @@ from wan_dist.session import RankEnv, Session
 class Case:
     name: str
     folder: str
-    cfg: int = 1
-    ring: int = 1
-    ulysses: int = 1
+    # None: filled from the world size (per expert group under expert_split)
+    cfg: int | None = 1
+    ring: int | None = 1
+    ulysses: int | None = 1
     stage_split: bool = False
+    expert_split: bool = False
+    expert_ranks: tuple[int, int] | None = None
     image: str | None = None
     last_image: str | None = None
     prompt: str = "a lighthouse at dusk, waves"
@@ -70,6 +73,8 @@ class Case:
         run.parallel.cfg_degree, run.parallel.ring_degree = self.cfg, self.ring
         run.parallel.ulysses_degree, run.parallel.stage_split = self.ulysses, self.stage_split
         run.parallel.fsdp = "true" if self.fsdp else "false"
+        run.parallel.expert_split = self.expert_split
+        run.parallel.expert_ranks = list(self.expert_ranks) if self.expert_ranks else None
         run.model.vae_tiling = self.vae_tiling
         run.parallel.vae_decode, run.parallel.vae_encode = self.vae_decode, self.vae_encode
         validate_run(run)

@@ -263,6 +263,18 @@ def validate_run(run: RunConfig) -> RunFacts:
         if getattr(p, key) == "patch" and run.model.vae_tiling:
             fail(f"parallel.{key}", "patch", "rank0 with model.vae_tiling=true (tiles blend their overlaps; the "
                  "bands are exact and already bound each rank's memory: use one or the other)")
+    if p.expert_split:
+        if folder.family != WAN22_EXPERTS:
+            fail("parallel.expert_split", True, "false: only a two-expert model (Wan2.2 A14B) has experts to split the "
+                 f"DiT ranks between; this one is {folder.family}")
+        if str(p.fsdp).lower() == "true":
+            fail("parallel.fsdp", p.fsdp, "false or auto with parallel.expert_split=true: each group holds its own "
+                 "expert whole, with no sharding traffic")
+        if p.vae_decode == "patch":
+            fail("parallel.vae_decode", "patch", "rank0 with parallel.expert_split=true (the groups are busy with "
+                 "different videos while rank 0 decodes)")
+    elif p.expert_ranks is not None:
+        fail("parallel.expert_ranks", list(p.expert_ranks), "unset without parallel.expert_split=true")
     if p.timeout_s <= 0:
         fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
 

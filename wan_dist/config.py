@@ -77,6 +77,12 @@ class ParallelConfig:
     # The VAE decode (and the I2V condition encode) on rank 0, or split into exact bands over all ranks.
     vae_decode: str = "rank0"
     vae_encode: str = "rank0"
+    # Wan2.2 two-expert models: the DiT ranks split into a high-noise and a low-noise group, each holding
+    # only its expert and running only its steps; over a prompt queue, video i+1's high-noise steps run
+    # beside video i's low-noise ones.
+    expert_split: bool = False
+    # [high, low] ranks per group (unset: in proportion to the steps each expert runs).
+    expert_ranks: list[int] | None = None
     # CPU runs under torchrun: each rank on an equal share of the node's cores when ranks x threads fit.
     pin_cpus: bool = True
 

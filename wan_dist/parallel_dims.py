@@ -2,6 +2,12 @@
 
 Rank 0 always holds the encoders and the VAE and writes the outputs. Without a stage split it is also a
 DiT rank; with one it holds nothing else and the DiT ranks are 1..world-1.
+
+With an expert split (Wan2.2's two experts) the DiT ranks form two groups, the high-noise expert's first,
+each with a mesh of its own. The rule for their axes, stated once: a degree set by the preset or an explicit
+key applies within each group and must fit each; a degree left open is filled per group from its size as
+for a whole world (cfg when guided and the group's size is even, under a preset that picks cfg; then the
+sequence axes).
 """
 
 from __future__ import annotations
@@ -19,17 +25,72 @@ from .presets import PARALLEL_PRESETS
 
 MESH_AXES = ("cfg", "ring", "ulysses")
 
+
+@dataclass(frozen=True)
+class DitGroup:
+    """DiT ranks that run the same steps together, on one mesh: consecutive ranks from `first`, split
+    cfg x ring x ulysses."""
+
+    cfg: int
+    ring: int
+    ulysses: int
+    first: int
+
+    @property
+    def sp(self) -> int:
+        return self.ring * self.ulysses
+
+    @property
+    def size(self) -> int:
+        return self.cfg * self.sp
+
+    @property
+    def ranks(self) -> list[int]:
+        return list(range(self.first, self.first + self.size))
+
+    @property
+    def leader(self) -> int:
+        return self.first
+
+    def describe(self) -> str:
+        return f"cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses}"
+
+    def build_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
+        """This group's mesh. Every rank must call this (group creation is collective); a rank outside
+        the group gets a mesh it is not part of and must not use. With `timeout_s`, every axis group has
+        that collective timeout; without, the backend's default (gloo 30 min, nccl 10 min)."""
+        ranks = torch.tensor(self.ranks).view(self.cfg, self.ring, self.ulysses)
+        override = None
+        if timeout_s is not None:
+            # DeviceMesh passes an axis' backend options' timeout to the group it creates (new_group or
+            # split_group): (backend, options) per axis, the backend the default group's; one options
+            # object per axis, since group creation writes into it.
+            override = tuple((None, group_options(timeout_s)) for _ in MESH_AXES)
+        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES, backend_override=override)
+
+
 @dataclass(frozen=True)
 class ParallelDims:
+    """cfg x ring x ulysses: the DiT ranks' axes; with an expert split (`low` set), the high-noise
+    expert's group's, and `low` the (cfg, ring, ulysses) of the low-noise expert's group on the ranks
+    after it."""
+
     cfg: int
     ring: int
     ulysses: int
     stage_split: bool
     world_size: int
+    low: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
         _check_degree_values({axis: getattr(self, axis) for axis in MESH_AXES})
-        needed = self.cfg * self.ring * self.ulysses + int(self.stage_split)
+        if self.low is not None:
+            _check_degree_values(dict(zip(MESH_AXES, self.low)))
+        needed = self.dit_world_size + int(self.stage_split)
+        if self.low is not None and needed != self.world_size:
+            raise ConfigError(
+                f"parallel.expert_ranks={[g.size for g in self.groups]} is not allowed: the groups need "
+                f"{needed} ranks with the stage-split rank, but the world size is {self.world_size}")
         if needed != self.world_size:
             split = " + 1 stage-split rank" if self.stage_split else ""
             raise ConfigError(
@@ -43,8 +104,24 @@ class ParallelDims:
         return self.ring * self.ulysses
 
     @property
+    def expert_split(self) -> bool:
+        return self.low is not None
+
+    @property
+    def groups(self) -> tuple[DitGroup, ...]:
+        """The DiT ranks' groups: one, or the high-noise and the low-noise expert's."""
+        first = DitGroup(self.cfg, self.ring, self.ulysses, first=int(self.stage_split))
+        if self.low is None:
+            return (first,)
+        return first, DitGroup(*self.low, first=first.first + first.size)
+
+    def group_of(self, rank: int) -> DitGroup:
+        """The group `rank` runs in (the first one for a rank outside every group)."""
+        return next((g for g in self.groups if rank in g.ranks), self.groups[0])
+
+    @property
     def dit_world_size(self) -> int:
-        return self.cfg * self.sp
+        return sum(g.size for g in self.groups)
 
     @property
     def dit_ranks(self) -> list[int]:
@@ -53,30 +130,26 @@ class ParallelDims:
 
     @property
     def dit_leader(self) -> int:
-        """The DiT rank that hands the final latents to rank 0."""
-        return self.dit_ranks[0]
+        """The DiT rank that hands the final latents to rank 0 (the low-noise group's, with an expert
+        split)."""
+        return self.groups[-1].leader
 
     def is_dit_rank(self, rank: int) -> bool:
         return rank in self.dit_ranks
 
     def describe(self) -> str:
-        parts = [f"cfg={self.cfg}", f"ring={self.ring}", f"ulysses={self.ulysses}"]
-        if self.stage_split:
-            parts.append("stage_split(rank 0: encoders+VAE)")
-        return " x ".join(parts[:3]) + (" + " + parts[3] if self.stage_split else "")
+        split = " + stage_split(rank 0: encoders+VAE)" if self.stage_split else ""
+        if self.low is None:
+            return self.groups[0].describe() + split
+        high, low = self.groups
+        return (f"expert_split: high noise ranks {high.ranks} ({high.describe()}), low noise ranks {low.ranks} "
+                f"({low.describe()}){split}")
 
-    def build_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
-        """The DiT ranks' mesh. Every rank must call this (group creation is collective); rank 0 of a
-        stage split gets a mesh it is not part of and must not use. With `timeout_s`, every axis group
-        has that collective timeout; without, the backend's default (gloo 30 min, nccl 10 min)."""
-        ranks = torch.tensor(self.dit_ranks).view(self.cfg, self.ring, self.ulysses)
-        override = None
-        if timeout_s is not None:
-            # DeviceMesh passes an axis' backend options' timeout to the group it creates (new_group or
-            # split_group): (backend, options) per axis, the backend the default group's; one options
-            # object per axis, since group creation writes into it.
-            override = tuple((None, group_options(timeout_s)) for _ in MESH_AXES)
-        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES, backend_override=override)
+    def build_mesh(self, device_type: str, timeout_s: float | None = None, rank: int | None = None) -> DeviceMesh:
+        """The mesh of `rank`'s group (DitGroup.build_mesh; every group's is built, since building is
+        collective): the DiT ranks' mesh without an expert split."""
+        meshes = [group.build_mesh(device_type, timeout_s) for group in self.groups]
+        return meshes[self.groups.index(self.group_of(rank))] if rank is not None else meshes[0]
 
     def build_shard_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
         """All DiT ranks on one axis, the one FSDP2 shards the DiT's weights over (whatever the layout:
@@ -148,20 +221,24 @@ def check_degrees(p: ParallelConfig, *, guidance_scale: float) -> None:
 
 def pinned_world_size(p: ParallelConfig) -> int | None:
     """The world size a layout needs when its preset and explicit degrees fix every axis
-    (`parallel=single`: 1, `parallel=cfg`: 2), else None: it adapts to the world it is started in. An
-    unknown preset is None too; the run itself names the error."""
+    (`parallel=single`: 1, `parallel=cfg`: 2; with an expert split, two groups of that), else None: it
+    adapts to the world it is started in. An unknown preset is None too; the run itself names the error."""
     if p.preset not in PARALLEL_PRESETS:
         return None
     degrees, stage_split = _pinned(p)
     if any(degree is None for degree in degrees.values()):
         return None
-    return degrees["cfg"] * degrees["ulysses"] * degrees["ring"] + int(stage_split)
+    groups = 2 if p.expert_split else 1
+    return degrees["cfg"] * degrees["ulysses"] * degrees["ring"] * groups + int(stage_split)
 
 
 def resolve_parallel_dims(
-    p: ParallelConfig, *, world_size: int, num_heads: int, guidance_scale: float
+    p: ParallelConfig, *, world_size: int, num_heads: int, guidance_scale: float,
+    expert_steps: tuple[int, int] | None = None,
 ) -> ParallelDims:
-    """Fill what the preset and the explicit degrees leave open, then check the result."""
+    """Fill what the preset and the explicit degrees leave open, then check the result. With
+    `parallel.expert_split`, per expert group (the module's rule); `expert_steps` (the steps each expert
+    runs) sizes the groups unless parallel.expert_ranks does."""
     check_degrees(p, guidance_scale=guidance_scale)
     degrees, stage_split = _pinned(p)
     if stage_split and world_size < 2:
@@ -170,47 +247,95 @@ def resolve_parallel_dims(
             "encoders and VAE and at least one for the DiT (start with torchrun --nproc_per_node=2 or more)"
         )
     dit_world = world_size - int(stage_split)
+    if p.expert_split:
+        sizes = expert_group_sizes(p, dit_world, expert_steps)
+        if sizes is None:
+            raise ValueError("the groups' sizes follow the steps each expert runs: pass expert_steps")
+        high, low = (_fill_axes(p, dict(degrees), n, num_heads, guidance_scale,
+                                f"the {name}-noise expert's group of {n} (parallel.expert_ranks={list(sizes)})")
+                     for name, n in zip(("high", "low"), sizes))
+        return ParallelDims(*high, stage_split=stage_split, world_size=world_size, low=low)
+    cfg, ring, ulysses = _fill_axes(p, degrees, dit_world, num_heads, guidance_scale,
+                                    f"{dit_world} DiT ranks", stage_split=stage_split, world_size=world_size)
+    return ParallelDims(cfg=cfg, ring=ring, ulysses=ulysses, stage_split=stage_split, world_size=world_size)
 
+
+def _fill_axes(p: ParallelConfig, degrees: dict[str, int | None], n: int, num_heads: int, guidance_scale: float,
+               ranks: str, *, stage_split: bool = False, world_size: int | None = None) -> tuple[int, int, int]:
+    """(cfg, ring, ulysses) over `n` DiT ranks (`ranks` names them in errors); `world_size` given: they
+    are the whole world's, and a mismatch is told in its terms."""
     if degrees["cfg"] is None:
         fixed = (degrees["ulysses"] or 1) * (degrees["ring"] or 1)
-        wants_cfg = guidance_scale > 1 and dit_world % (2 * fixed) == 0
+        wants_cfg = guidance_scale > 1 and n % (2 * fixed) == 0
         degrees["cfg"] = 2 if wants_cfg and PARALLEL_PRESETS[p.preset].picks_cfg else 1
-    if dit_world % degrees["cfg"]:
+    if n % degrees["cfg"]:
         raise ConfigError(
-            f"parallel.cfg_degree={degrees['cfg']} is not allowed with {dit_world} DiT ranks: the DiT ranks "
+            f"parallel.cfg_degree={degrees['cfg']} is not allowed with {ranks}: the DiT ranks "
             f"must divide into {degrees['cfg']} guidance branches"
         )
-    rest = dit_world // degrees["cfg"]
+    rest = n // degrees["cfg"]
     u, r = degrees["ulysses"], degrees["ring"]
     if u is None and r is None:
         u, r = _fill_sequence_axes(rest, num_heads, both=PARALLEL_PRESETS[p.preset].both_sequence_axes)
     elif u is None:
         if rest % r:
             raise ConfigError(f"parallel.ring_degree={r} is not allowed: it must divide the {rest} ranks left "
-                              f"after cfg_degree={degrees['cfg']}")
+                              f"after cfg_degree={degrees['cfg']} of {ranks}")
         u = rest // r
     elif r is None:
         if rest % u:
             raise ConfigError(f"parallel.ulysses_degree={u} is not allowed: it must divide the {rest} ranks "
-                              f"left after cfg_degree={degrees['cfg']}")
+                              f"left after cfg_degree={degrees['cfg']} of {ranks}")
         r = rest // u
-    if degrees["cfg"] * u * r != dit_world:
+    if degrees["cfg"] * u * r != n:
         named = [f"parallel.{axis}_degree={getattr(p, f'{axis}_degree')}" for axis in ("cfg", "ulysses", "ring")
                  if getattr(p, f"{axis}_degree")]
+        if world_size is None:
+            raise ConfigError(
+                f"{', '.join(named) or f'parallel={p.preset}'} is not allowed: cfg={degrees['cfg']} x ring={r} x "
+                f"ulysses={u} need {degrees['cfg'] * u * r} ranks, but {ranks} has {n} (each group takes the "
+                "degrees set; set parallel.expert_ranks so that they fit, or leave the degrees open)")
         split = " + 1 stage-split rank" if stage_split else ""
         needed = degrees["cfg"] * u * r + int(stage_split)
         raise ConfigError(
             f"{', '.join(named) or f'parallel={p.preset}'} is not allowed: cfg={degrees['cfg']} x ring={r} x "
             f"ulysses={u}{split} need {needed} ranks, but the world size is {world_size} (make the product "
-            f"{dit_world} or start {needed} ranks)"
+            f"{n} or start {needed} ranks)"
         )
-    return ParallelDims(cfg=degrees["cfg"], ring=r, ulysses=u, stage_split=stage_split, world_size=world_size)
+    return degrees["cfg"], r, u
+
+
+def check_expert_split(p: ParallelConfig, world_size: int) -> None:
+    """The expert split's rules that the world size alone decides (before any model is read)."""
+    _, stage_split = _pinned(p)
+    expert_group_sizes(p, world_size - int(stage_split), None)
+
+
+def expert_group_sizes(p: ParallelConfig, dit_world: int,
+                       expert_steps: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The high-noise and low-noise groups' sizes: parallel.expert_ranks, or the DiT ranks shared in
+    proportion to the steps each expert runs (`expert_steps`; None: only check), at least one each."""
+    if dit_world < 2:
+        fail("parallel.expert_split", True, f"false with {dit_world} DiT rank: each expert needs a group of its "
+             "own (at least 2 DiT ranks)")
+    if p.expert_ranks is not None:
+        sizes = list(p.expert_ranks)
+        if len(sizes) != 2 or any(not isinstance(n, int) or n < 1 for n in sizes) or sum(sizes) != dit_world:
+            fail("parallel.expert_ranks", sizes, f"two positive rank counts [high, low] that sum to the {dit_world} "
+                 "DiT ranks (or unset: in proportion to each expert's steps)")
+        return sizes[0], sizes[1]
+    if expert_steps is None:
+        return None
+    high, low = expert_steps
+    share = min(max(round(dit_world * high / (high + low)), 1), dit_world - 1)
+    return share, dit_world - share
 
 
 def check_sequence_length(dims: ParallelDims, num_tokens: int) -> None:
     """Padding makes any length work, but a shard must hold at least one real token."""
-    if dims.sp > num_tokens:
-        raise ConfigError(
-            f"the video has {num_tokens} DiT tokens, fewer than the {dims.sp} sequence-parallel ranks "
-            f"(ring={dims.ring} x ulysses={dims.ulysses}): use larger height/width/num_frames or fewer ranks"
-        )
+    for group in dims.groups:
+        if group.sp > num_tokens:
+            raise ConfigError(
+                f"the video has {num_tokens} DiT tokens, fewer than the {group.sp} sequence-parallel ranks "
+                f"(ring={group.ring} x ulysses={group.ulysses}): use larger height/width/num_frames or fewer ranks"
+            )

@@ -74,14 +74,74 @@ class StepClock:
 class Experts:
     """Which model predicts the noise at each step: `high` while the timestep is at or above
     `boundary_timestep`, `low` below it (Wan2.2's two experts, switched as diffusers switches them); a
-    one-expert model has only `high`."""
+    one-expert model has only `high`. A loop that runs only one expert's steps gives only that one."""
 
-    high: NoisePredictor
+    high: NoisePredictor | None
     low: NoisePredictor | None = None
     boundary_timestep: float | None = None
 
+    @staticmethod
+    def is_high(t: torch.Tensor | float, boundary_timestep: float | None) -> bool:
+        return boundary_timestep is None or t >= boundary_timestep
+
     def at(self, t: torch.Tensor) -> NoisePredictor:
-        return self.high if self.boundary_timestep is None or t >= self.boundary_timestep else self.low
+        expert = self.high if self.is_high(t, self.boundary_timestep) else self.low
+        if expert is None:
+            raise RuntimeError(f"no expert was given for timestep {float(t)}")
+        return expert
+
+
+def expert_step_counts(timesteps: torch.Tensor, boundary_timestep: float) -> tuple[int, int]:
+    """How many of the steps each expert runs (high noise first, as in Experts.at)."""
+    high = sum(1 for t in timesteps if Experts.is_high(t, boundary_timestep))
+    return high, len(timesteps) - high
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """Where sampling stands between two steps: the latents and the scheduler's memory of the steps run
+    so far (UniPC's multistep history; flow-match Euler keeps only its step index). A loop resumed from it
+    takes the next step exactly as one uninterrupted loop would."""
+
+    latents: torch.Tensor
+    step_index: torch.Tensor  # int64, (): the next step to run
+    # UniPC's, None for Euler. Its history slots, oldest first, that are not yet filled are zeros here and
+    # 0 in `filled`.
+    model_outputs: torch.Tensor | None = None  # (solver_order, *latents.shape)
+    filled: torch.Tensor | None = None  # int64 (solver_order,)
+    timestep_list: torch.Tensor | None = None  # int64 (solver_order,)
+    last_sample: torch.Tensor | None = None
+    orders: torch.Tensor | None = None  # int64 (2,): lower_order_nums, this_order
+
+    @staticmethod
+    def capture(scheduler, latents: torch.Tensor) -> "SamplerState":
+        step_index = torch.tensor(scheduler.step_index, dtype=torch.int64)
+        if not hasattr(scheduler, "model_outputs"):
+            return SamplerState(latents=latents, step_index=step_index)
+        slots = scheduler.model_outputs
+        template = next(m for m in slots if m is not None)
+        return SamplerState(
+            latents=latents, step_index=step_index,
+            model_outputs=torch.stack([torch.zeros_like(template) if m is None else m for m in slots]),
+            filled=torch.tensor([m is not None for m in slots], dtype=torch.int64),
+            timestep_list=torch.tensor([0 if t is None else int(t) for t in scheduler.timestep_list],
+                                       dtype=torch.int64),
+            last_sample=scheduler.last_sample,
+            orders=torch.tensor([scheduler.lower_order_nums, scheduler.this_order], dtype=torch.int64),
+        )
+
+    def restore(self, scheduler) -> None:
+        """Into a scheduler whose timesteps are set for the same steps."""
+        scheduler._step_index = int(self.step_index)
+        if self.model_outputs is None:
+            return
+        device = scheduler.timesteps.device
+        filled = self.filled.tolist()
+        scheduler.model_outputs = [m if on else None for m, on in zip(self.model_outputs.unbind(0), filled)]
+        scheduler.timestep_list = [torch.tensor(t, device=device) if on else None
+                                   for t, on in zip(self.timestep_list.tolist(), filled)]
+        scheduler.last_sample = self.last_sample
+        scheduler.lower_order_nums, scheduler.this_order = self.orders.tolist()
 
 
 class TextOnly:
@@ -148,12 +208,13 @@ Conditioning = TextOnly
 class DenoiseResult:
     latents: torch.Tensor
     step_seconds: list[float]
+    state: SamplerState | None = None  # where the loop stopped, when it stopped before the last step
 
 
 @torch.no_grad()
 def denoise(
     *,
-    latents: torch.Tensor,
+    latents: torch.Tensor | SamplerState,
     scheduler,
     steps: int,
     experts: Experts,
@@ -161,16 +222,29 @@ def denoise(
     conditioning: Conditioning = TextOnly(),
     show_progress: bool = True,
     description: str = "denoising",
+    stop: int | None = None,
 ) -> DenoiseResult:
     """Wan's sampling loop, step for step as diffusers' WanPipeline / WanImageToVideoPipeline run it: the
     expert of the step's timestep, model input in the DiT dtype (conditioned as the model family
-    conditions), latents kept in fp32, the scheduler stepping on the guided noise."""
-    scheduler.set_timesteps(steps, device=latents.device)
+    conditions), latents kept in fp32, the scheduler stepping on the guided noise.
+
+    `latents`: the initial noise, or the state an earlier loop over the same steps stopped at; `stop`: the
+    step to stop before (default: run to the end), which returns the state to continue from."""
+    scheduler.set_timesteps(steps, device=latents.latents.device if isinstance(latents, SamplerState)
+                            else latents.device)
     scheduler.set_begin_index(0)
+    start = 0
+    if isinstance(latents, SamplerState):
+        latents.restore(scheduler)
+        start, latents = int(latents.step_index), latents.latents
+    stop = len(scheduler.timesteps) if stop is None else stop
     clock = StepClock(latents.device)
     clock.mark()
-    for t in tqdm(scheduler.timesteps, desc=description, disable=not show_progress, unit="step"):
+    for t in tqdm(scheduler.timesteps[start:stop], desc=description, disable=not show_progress, unit="step"):
         noise = experts.at(t)(conditioning.model_input(latents).to(model_dtype), conditioning.timestep(t, latents))
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         clock.mark()
+    if stop < len(scheduler.timesteps):
+        return DenoiseResult(latents=latents, step_seconds=clock.seconds(),
+                             state=SamplerState.capture(scheduler, latents))
     return DenoiseResult(latents=conditioning.final(latents), step_seconds=clock.seconds())

@@ -26,13 +26,14 @@ from .checks import check_loras, check_model_limits, read_prompts, validate_run
 from .config import SWITCHES, LoraConfig, RunConfig, lora_experts
 from .errors import ConfigError, fail
 from .loading import (
-    STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, read_component_config, resolve_dtype,
+    STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, load_scheduler, read_component_config,
+    resolve_dtype,
 )
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
 )
-from .parallel_dims import ParallelDims, check_sequence_length, resolve_parallel_dims
-from .pipeline import LatentShape, latent_shape
+from .parallel_dims import ParallelDims, check_expert_split, check_sequence_length, resolve_parallel_dims
+from .pipeline import LatentShape, expert_step_counts, latent_shape
 from .presets import IMAGE_TASKS
 from .text_encoding import cpu_encoder_dtype, cpu_flags
 from .video import output_names, write_json
@@ -123,6 +124,7 @@ class JobPlan:
     latent: LatentShape
     num_tokens: int
     boundary_ratio: float | None  # two-expert models: the low-noise expert runs below this share of timesteps
+    expert_steps: tuple[int, int] | None  # two-expert models: the steps the high- and the low-noise expert run
     negative_prompt: str | None  # None without guidance: there is no unconditional branch
     videos: tuple[VideoPlan, ...]
     out_dir: Path
@@ -164,16 +166,19 @@ class JobPlan:
         vae_config = read_component_config(self.folder, "vae")
         dit = self.components["dit"]
         b = dtype_bytes(dit.dtype)
-        sp = self.dims.ring * self.dims.ulysses
-        local_tokens = -(-self.num_tokens // sp)
         image = self.components.get("image_encoder") is not None
-        activations = block_activation_bytes(dit_config, local_tokens, b, ulysses=self.dims.ulysses,
-                                             ring=self.dims.ring) \
-            + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
-        # Every expert keeps its own cache (its own cross-attention weights).
-        cache = len(self.experts) * context_cache_bytes(
-            dit_config, b, contexts=2 if self.guided and self.dims.cfg == 1 else 1, image=image) \
-            if self.config.context_cache and not self.config.compile else 0
+
+        def activations(group) -> int:
+            local_tokens = -(-self.num_tokens // group.sp)
+            return block_activation_bytes(dit_config, local_tokens, b, ulysses=group.ulysses, ring=group.ring) \
+                + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
+
+        def cache(group, experts_held: int) -> int:
+            # Every expert keeps its own cache (its own cross-attention weights).
+            if not self.config.context_cache or self.config.compile:
+                return 0
+            return experts_held * context_cache_bytes(
+                dit_config, b, contexts=2 if self.guided and group.cfg == 1 else 1, image=image)
         # One block's and the root's weights of each expert as stored (fp8 where layerwise casting stores
         # them); the experts share their widths, not always their depths.
         block_and_root = {}
@@ -200,16 +205,18 @@ class JobPlan:
         for r in self.ranks:
             on_device = sum(b_ for name, b_ in r.weight_bytes.items()
                             if self.components[name].device == self.device_type)
-            if dit.offload and "dit" in r.weight_bytes:
+            held = [name for name in self.experts if name in r.weight_bytes]
+            if dit.offload and held:
                 # Block offload: the blocks live in host memory; the device holds each expert's root, and
                 # the block running and the one on its way.
-                on_device += max(2 * block for block, _ in block_and_root.values()) \
-                    + sum(root - r.weight_bytes[name] for name, (_, root) in block_and_root.items())
+                on_device += max(2 * block_and_root[name][0] for name in held) \
+                    + sum(block_and_root[name][1] - r.weight_bytes[name] for name in held)
             is_dit = self.dims.is_dit_rank(r.rank)
+            group = self.dims.group_of(r.rank)
             decodes = r.rank in decoders and (r.rank == 0 or self.vae_decode == "patch")
             out.append(RankMemory(
-                weights=on_device, activations=activations if is_dit else 0, gather_buffers=gather if is_dit else 0,
-                context_cache=cache if is_dit else 0,
+                weights=on_device, activations=activations(group) if is_dit else 0,
+                gather_buffers=gather if is_dit else 0, context_cache=cache(group, len(held)) if is_dit else 0,
                 decode=decode[min(decoders.index(r.rank), len(decode) - 1)] if decodes else 0))
         return out
 
@@ -229,7 +236,8 @@ class JobPlan:
             "world_size": self.world_size, "device": self.device_type,
             "layout": {"cfg": self.dims.cfg, "ring": self.dims.ring, "ulysses": self.dims.ulysses,
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
-                       "describe": self.dims.describe(), "added": list(self.added)},
+                       "describe": self.dims.describe(), "added": list(self.added),
+                       **expert_groups_json(self.dims)},
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
                                   "ranks": list(c.ranks), "weight_bytes": c.weight_bytes,
                                   "storage_dtype": str(c.storage_dtype or c.dtype).removeprefix("torch."),
@@ -238,7 +246,7 @@ class JobPlan:
             "kernels": dict(self.kernels), "fsdp": self.fsdp, "vae_decode": self.vae_decode,
             "vae_encode": self.vae_encode,
             "latent_shape": list(self.latent.shape), "num_tokens": self.num_tokens,
-            "boundary_ratio": self.boundary_ratio,
+            "boundary_ratio": self.boundary_ratio, "expert_steps": list(self.expert_steps or []) or None,
             "seed": self.seed, "out_dir": str(self.out_dir),
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
                        for v in self.videos],
@@ -265,6 +273,14 @@ class JobPlan:
             lines.append(f"{r.rank:>4}  {r.role:<17} {held:<42} {sum(r.weight_bytes.values()) / gib:>11.3f} "
                          f"{memory[r.rank].peak / gib:>9.3f}")
         return "\n".join(lines)
+
+
+def expert_groups_json(dims: ParallelDims) -> dict[str, Any]:
+    """`expert_groups` for run.json and plan.json under an expert split: per group its expert and ranks."""
+    if not dims.expert_split:
+        return {}
+    return {"expert_groups": [{"expert": name, "ranks": g.ranks, "cfg": g.cfg, "ring": g.ring, "ulysses": g.ulysses}
+                              for name, g in zip(EXPERTS, dims.groups)]}
 
 
 def _identity(value: Any) -> Any:
@@ -304,8 +320,13 @@ def build_plan(
     run = copy.deepcopy(run)
     # The layout first: a bad one is refused before a built preset is built (its head count is known
     # from the preset table until then).
-    dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=dit_num_heads(run.model),
-                                 guidance_scale=run.guidance_scale)
+    # An expert split sizes its groups by the steps each expert runs, known once the folder is: until then
+    # only what the world size decides is checked.
+    split = run.parallel.expert_split
+    if split:
+        check_expert_split(run.parallel, world_size)
+    dims = None if split else resolve_parallel_dims(
+        run.parallel, world_size=world_size, num_heads=dit_num_heads(run.model), guidance_scale=run.guidance_scale)
     # Rank 0 finds out whether it can write the outputs, and only then builds a built preset, once, before
     # the other ranks read it; the agreement is also what makes them wait for it.
     problem = agree(_output_problem(out_dir) or _build_model(run) if rank == 0 else None)
@@ -316,6 +337,10 @@ def build_plan(
     vae_config = read_component_config(folder, "vae")
     dit_configs = {name: read_component_config(folder, SUBFOLDERS[name]) for name in experts}
     dit_config = dit_configs["dit"]
+    expert_steps = _expert_steps(run, folder, facts.boundary_ratio) if facts.boundary_ratio is not None else None
+    if split:
+        dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=dit_config["num_attention_heads"],
+                                     guidance_scale=run.guidance_scale, expert_steps=expert_steps)
     shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
     num_tokens = shape.num_tokens(tuple(dit_config["patch_size"]))
     check_model_limits(run, vae_config, dit_config)
@@ -333,7 +358,9 @@ def build_plan(
         # With a banded decode or encode every rank holds the VAE (fp32 at full size: about 0.5 GB).
         "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device,
                 _vae_ranks(run, world_size, dims, vae_config, shape, facts.task in IMAGE_TASKS)),
-        **{name: (dit_dtype, device, tuple(dims.dit_ranks)) for name in experts},
+        # Under an expert split each group holds only its expert (high noise first).
+        **{name: (dit_dtype, device, tuple(dims.groups[i].ranks if dims.expert_split else dims.dit_ranks))
+           for i, name in enumerate(experts)},
     }
     # Only Wan2.1's image DiTs take CLIP image embeddings (Wan2.2 has no image encoder).
     if facts.task in IMAGE_TASKS and dit_config.get("image_dim") is not None:
@@ -378,10 +405,23 @@ def build_plan(
         device_type=device.type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
         vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape,
-        num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio,
+        num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, ranks=tuple(ranks),
     )
+
+
+def _expert_steps(run: RunConfig, folder: Path, boundary_ratio: float) -> tuple[int, int]:
+    """The steps each expert of a two-expert model runs, from the scheduler's timesteps for this run's
+    steps and shift (its config only); an expert split needs both to run."""
+    scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
+    scheduler.set_timesteps(run.steps)
+    steps = expert_step_counts(scheduler.timesteps, boundary_ratio * scheduler.config.num_train_timesteps)
+    if run.parallel.expert_split and 0 in steps:
+        idle = "low" if steps[1] == 0 else "high"
+        fail("parallel.expert_split", True, f"false here: with steps={run.steps} and flow_shift={run.flow_shift} "
+             f"the {idle}-noise expert runs no step (boundary_ratio {boundary_ratio}), so its group would idle")
+    return steps
 
 
 def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -430,6 +470,8 @@ def _resolve_fsdp(setting: str, dims: ParallelDims) -> bool:
     setting = str(setting).lower()
     if setting not in SWITCHES:
         fail("parallel.fsdp", setting, f"one of {', '.join(SWITCHES)}")
+    if dims.expert_split:
+        return False  # each group holds its own expert whole (checks.py refuses `true`)
     shardable = len(dims.dit_ranks) > 1
     if setting == "true" and not shardable:
         fail("parallel.fsdp", True, f"false or auto with one DiT rank ({dims.describe()}): sharding needs at "

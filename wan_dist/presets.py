@@ -152,6 +152,11 @@ _MODEL_PRESETS = (
                 ModelSpec(task="t2v", heads=8, head_dim=64, layers=4, ffn_dim=2048, freq_dim=256, text_dim=256,
                           text_layers=1),
                 sampling=Sampling(height=192, width=320, num_frames=17), bench_overrides=("steps=4",)),
+    # The bench DiT as Wan2.2's two experts (T2V-A14B's boundary): the expert pipeline measured on a CPU.
+    ModelPreset("bench_moe", "the bench DiT as two experts (Wan2.2 two-expert layout), built locally",
+                ModelSpec(task="t2v", family=WAN22_EXPERTS, expert_layers=4, boundary_ratio=0.875, heads=8,
+                          head_dim=64, layers=4, ffn_dim=2048, freq_dim=256, text_dim=256, text_layers=1),
+                sampling=Sampling(height=192, width=320, num_frames=17), bench_overrides=("steps=4",)),
     _real("t2v_1_3b", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", _official("t2v", heads=12, layers=30, ffn_dim=8960),
           height=480, width=832, steps=50, bench_overrides=("height=480", "width=832", "num_frames=81", "steps=10")),
     _real("t2v_14b", "Wan-AI/Wan2.1-T2V-14B-Diffusers", _official("t2v", heads=40, layers=40, ffn_dim=13824),
@@ -232,6 +237,8 @@ class Layout:
     stage_split: bool = False
     compile: bool = False
     memory: str | None = None  # a key of MEMORY_OPTIONS
+    # Two-expert models: two groups of cfg x ulysses x ring ranks, one per expert.
+    expert_split: bool = False
 
     @property
     def base(self) -> str | None:
@@ -243,16 +250,19 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.cfg * self.ulysses * self.ring + int(self.stage_split)
+        return self.cfg * self.ulysses * self.ring * (2 if self.expert_split else 1) + int(self.stage_split)
 
     def hydra_node(self) -> dict:
+        group = self.cfg * self.ulysses * self.ring
         node: dict = {"parallel": {"preset": self.parallel, "cfg_degree": self.cfg, "ulysses_degree": self.ulysses,
-                                   "ring_degree": self.ring, "stage_split": self.stage_split},
+                                   "ring_degree": self.ring, "stage_split": self.stage_split,
+                                   "expert_split": self.expert_split,
+                                   "expert_ranks": [group, group] if self.expert_split else None},
                       "compile": self.compile}
         if self.memory is not None:
             key, value = MEMORY_OPTIONS[self.memory].split("=")
-            group, name = key.split(".")
-            node.setdefault(group, {})[name] = value
+            section, name = key.split(".")
+            node.setdefault(section, {})[name] = value
         return node
 
 
@@ -273,5 +283,7 @@ _LAYOUTS = (
     Layout("single_fp8", "single", memory="fp8"),
     Layout("single_offload", "single", memory="offload"),
     Layout("cfg_fsdp", "cfg", cfg=2, memory="fsdp"),
+    Layout("expert_split", "auto", expert_split=True),
+    Layout("expert_split_cfg", "auto", cfg=2, expert_split=True),
 )
 LAYOUTS: dict[str, Layout] = {layout.name: layout for layout in _LAYOUTS}

@@ -16,7 +16,7 @@ import torch
 
 from . import __version__
 from .metrics import RankMetrics
-from .plan import JobPlan
+from .plan import JobPlan, expert_groups_json
 from .session import Session
 from .stage_split import Handoff
 from .session import new_group_with_timeout
@@ -31,7 +31,7 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     start = time.perf_counter()
     rank, device = session.rank, session.device
     # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them.
-    mesh = plan.dims.build_mesh(device.type, session.timeout_s)
+    mesh = plan.dims.build_mesh(device.type, session.timeout_s, rank=rank)
     shard_mesh = plan.dims.build_shard_mesh(device.type, session.timeout_s) if plan.fsdp else None
     handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
                       timeout_s=session.timeout_s)
@@ -46,7 +46,7 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     encoder = EncoderStage(plan, session, handoff, metrics, vae, condition) if rank == 0 else None
     band_decoder = vae if rank != 0 and plan.vae_decode == "patch" else None
     dit = DitStage(plan, session, handoff, metrics, mesh, shard_mesh, band_decoder) \
-        if plan.holds(rank, "dit") else None
+        if plan.dims.is_dit_rank(rank) else None
     if encoder is not None:
         encoder.start()
     try:
@@ -79,13 +79,17 @@ def _versions() -> dict[str, str]:
 
 def _report(plan: JobPlan, session: Session, snapshots: list[dict], videos: list[dict]) -> dict[str, Any]:
     dims = plan.dims
-    leader = snapshots[dims.dit_leader]
+    # Each DiT group's leader timed its steps; under an expert split the groups run a video's steps one
+    # after the other (and different videos at once): a video's steps are both groups', and denoise_s is
+    # the sum of the groups' denoising time.
+    leaders = [snapshots[group.leader] for group in dims.groups]
     zero = snapshots[0]
-    steps = leader["step_seconds"]
+    steps = [[s for group_steps in video for s in group_steps]
+             for video in zip(*(leader["step_seconds"] for leader in leaders))]
     timings = {
         "load_s": max(s["timings"].get("load_s", 0.0) for s in snapshots),
         "encode_s": zero["timings"].get("encode_s", 0.0),
-        "denoise_s": leader["timings"].get("denoise_s", 0.0),
+        "denoise_s": sum(leader["timings"].get("denoise_s", 0.0) for leader in leaders),
         "steps_s": steps[0] if len(steps) == 1 else steps,
         "decode_s": zero["timings"].get("decode_s", 0.0),
         "write_s": zero["timings"].get("write_s", 0.0),
@@ -97,7 +101,7 @@ def _report(plan: JobPlan, session: Session, snapshots: list[dict], videos: list
         "world_size": session.world_size,
         "backend": session.backend,
         "mesh": {"cfg": dims.cfg, "ring": dims.ring, "ulysses": dims.ulysses, "stage_split": dims.stage_split,
-                 "dit_ranks": dims.dit_ranks, "describe": dims.describe()},
+                 "dit_ranks": dims.dit_ranks, "describe": dims.describe(), **expert_groups_json(dims)},
         "versions": _versions(),
         "timings": timings,
         "memory": [{k: v for k, v in s.items() if k not in ("timings", "step_seconds")} for s in snapshots],

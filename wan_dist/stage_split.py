@@ -1,13 +1,16 @@
 """The handoff between rank 0 (encoders, VAE, outputs) and the DiT ranks, point to point.
 
 Rank 0 hands each video's inputs (`DitInputs`) to every DiT rank; the DiT leader hands the final latents
-back (`DitOutputs`). What travels is a typed dataclass: its wire format is derived from its fields (in
+back (`DitOutputs`). With an expert split, the high-noise group's leader hands each video's sampling state
+(`pipeline.SamplerState`: the latents and the scheduler's history) to every rank of the low-noise group,
+whose leader hands the final latents back. What travels is a typed dataclass: its wire format is derived from its fields (in
 field order; a fixed-size int64 header gives, per field, whether it is present, its dtype and shape), so
 both sides agree by construction; no pickling, so it works alike on gloo and nccl. Where rank 0 is a DiT
 rank itself (no stage split), the same calls pass the objects through a local queue.
 
 The ordering rule lives here too: video i+1 is handed over before video i is decoded (and with a stage
-split, before video i's latents are awaited), so the DiT ranks never wait for rank 0's decode.
+split or an expert split, before video i's latents are awaited), so the DiT ranks never wait for rank 0's
+decode, and the high-noise group can start video i+1 while the low-noise group finishes video i.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .parallel_dims import ParallelDims
+from .pipeline import SamplerState
 from .session import new_group_with_timeout
 
 _HEADER_LEN = 64
@@ -41,12 +45,12 @@ class DitOutputs:
     latents: torch.Tensor
 
 
-Message = TypeVar("Message", DitInputs, DitOutputs)
+Message = TypeVar("Message", DitInputs, DitOutputs, SamplerState)
 # The header starts with the message's kind, so a receiver expecting another kind fails loudly.
-_KINDS = (DitInputs, DitOutputs)
+_KINDS = (DitInputs, DitOutputs, SamplerState)
 
 
-def _header(message: DitInputs | DitOutputs, device: torch.device) -> torch.Tensor:
+def _header(message: Message, device: torch.device) -> torch.Tensor:
     values = [_KINDS.index(type(message))]
     for item in fields(message):
         tensor = getattr(message, item.name)
@@ -70,8 +74,11 @@ class PendingSend:
             work.wait()
         self._works, self._buffers = [], []
 
+    def done(self) -> bool:
+        return all(work.is_completed() for work in self._works)
 
-def send_message(message: DitInputs | DitOutputs, dst_ranks: list[int], device: torch.device,
+
+def send_message(message: Message, dst_ranks: list[int], device: torch.device,
                  group: dist.ProcessGroup | None = None) -> PendingSend:
     """Send `message` to each (global) rank of `dst_ranks` over `group`, which must span them and this
     rank; returns without waiting."""
@@ -109,9 +116,9 @@ def recv_message(kind: type[Message], src: int, device: torch.device,
 class Handoff:
     """Inputs out of rank 0, latents back to it. Every rank builds it (group creation is collective).
 
-    Point-to-point traffic runs on two groups of its own, one per direction: on nccl, sends and receives
-    between two ranks on one communicator complete in issue order, so rank 0 handing over video i+1 while
-    the DiT leader hands back video i would deadlock on one group.
+    Point-to-point traffic runs on groups of its own, one per direction (and one for the expert groups'
+    handover): on nccl, sends and receives between two ranks on one communicator complete in issue order,
+    so rank 0 handing over video i+1 while the DiT leader hands back video i would deadlock on one group.
     """
 
     def __init__(self, *, rank: int, world_size: int, dims: ParallelDims, device: torch.device,
@@ -120,6 +127,7 @@ class Handoff:
         ranks = list(range(world_size))
         self._inputs_group = new_group_with_timeout(ranks, timeout_s)
         self._latents_group = new_group_with_timeout(ranks, timeout_s)
+        self._experts_group = new_group_with_timeout(ranks, timeout_s) if dims.expert_split else None
         self._remote_dit_ranks = [r for r in dims.dit_ranks if r != 0]
         self._local_inputs: deque[DitInputs] = deque()
         self._local_outputs: deque[DitOutputs] = deque()
@@ -130,7 +138,12 @@ class Handoff:
     def ahead(self) -> int:
         """How many videos rank 0 hands over before it awaits the first latents: with a stage split the
         DiT ranks start on video i+1 while rank 0 decodes video i."""
-        return 2 if self.dims.stage_split else 1
+        return 2 if self.dims.stage_split or self.dims.expert_split else 1
+
+    def inputs_ready(self) -> bool:
+        """Whether take_inputs would return without this rank's other stage running first: rank 0's own
+        DiT stage waits for its encoder stage's hand-over; a receiving rank just waits for the message."""
+        return self.rank != 0 or bool(self._local_inputs)
 
     # rank 0
     def hand_over(self, inputs: DitInputs) -> None:
@@ -159,6 +172,19 @@ class Handoff:
             self._local_outputs.append(DitOutputs(latents))
         else:
             send_message(DitOutputs(latents), [0], self.device, self._latents_group).wait()
+
+    # expert split
+    def hand_to_low(self, state: SamplerState) -> None:
+        """On the high-noise group's leader: where video's sampling stands after its high-noise steps, to
+        every rank of the low-noise group; returns without waiting, so the next video can start."""
+        if self.rank != self.dims.groups[0].leader:
+            return
+        self._pending = deque(p for p in self._pending if not p.done())
+        self._pending.append(send_message(state, self.dims.groups[1].ranks, self.device, self._experts_group))
+
+    def take_from_high(self) -> SamplerState:
+        """On a low-noise rank: the next video's sampling state."""
+        return recv_message(SamplerState, self.dims.groups[0].leader, self.device, self._experts_group)
 
     def finish(self) -> None:
         """Wait for the sends still in flight (their buffers must outlive them)."""

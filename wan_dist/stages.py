@@ -29,8 +29,8 @@ from .loading import (
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
-from .pipeline import ChannelCondition, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
-from .plan import ComponentPlan, JobPlan
+from .pipeline import ChannelCondition, DenoiseResult, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
+from .plan import EXPERTS, ComponentPlan, JobPlan
 from .presets import WAN22_TI2V
 from .session import Session
 from .stage_split import DitInputs, Handoff
@@ -204,17 +204,19 @@ class DitStage:
         self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
         self.dtype = plan.components["dit"].dtype
         config = plan.config
-        # Each expert of a two-expert model is loaded and parallelized alike, with its own context cache.
+        # Each expert this rank holds (both of a two-expert model, or its group's one under an expert
+        # split) is loaded and parallelized alike, with its own context cache.
+        self.experts = tuple(name for name in plan.experts if plan.holds(session.rank, name))
+        self.group = plan.dims.group_of(session.rank)
         self.transformers: list[torch.nn.Module] = []
         self.handles: list[DitHandle] = []
         with metrics.timed("load_s", session.device):
-            for name in plan.experts:
+            for name in self.experts:
                 transformer, handle = self._load(plan.components[name], mesh, shard_mesh)
                 self.transformers.append(transformer)
                 self.handles.append(handle)
+                metrics.hold(name, parameter_bytes(transformer))
             self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, seed=plan.seed)
-        for name, transformer in zip(plan.experts, self.transformers):
-            metrics.hold(name, parameter_bytes(transformer))
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
@@ -242,21 +244,33 @@ class DitStage:
     def run(self) -> Iterator[None]:
         plan, device = self.plan, self.session.device
         for video in plan.videos:
+            while not self.handoff.inputs_ready():
+                yield  # this rank's encoder stage hands the video over first
             inputs = self.handoff.take_inputs()
-            latents = self._denoise(inputs, description=f"video {video.index + 1}/{len(plan.videos)}")
+            result = self._denoise(inputs, description=f"video {video.index + 1}/{len(plan.videos)}")
             for handle in self.handles:
                 if handle.context_cache is not None:
                     handle.context_cache.clear()  # this video's prompts are done: free their keys and values
             if video.index == len(plan.videos) - 1:
                 self._release()
-            self.handoff.hand_back(latents)
+            if result.state is not None:
+                self.handoff.hand_to_low(result.state)  # the low-noise group takes the video from here
+            else:
+                self.handoff.hand_back(result.latents)
             if self.vae is not None:
-                self.vae.decode(latents)  # this rank's band; the frames are gathered to rank 0
+                self.vae.decode(result.latents)  # this rank's band; the frames are gathered to rank 0
             if self._records_videos:
                 self.metrics.video_done(device)
-            yield
 
-    def _denoise(self, inputs: DitInputs, description: str) -> torch.Tensor:
+    def _steps(self) -> tuple[bool, int | None]:
+        """Under an expert split: whether this rank's group continues from the high-noise group's state,
+        and the step it stops before (the high-noise group's last + 1); (False, None) runs every step."""
+        if not self.plan.dims.expert_split:
+            return False, None
+        high = self.group == self.plan.dims.groups[0]
+        return not high, self.plan.expert_steps[0] if high else None
+
+    def _denoise(self, inputs: DitInputs, description: str) -> DenoiseResult:
         device, dtype, plan = self.session.device, self.dtype, self.plan
         config = plan.config
 
@@ -267,22 +281,25 @@ class DitStage:
         # do_classifier_free_guidance); the low-noise expert combines the branches with its own scale.
         scales = (config.guidance_scale, config.guidance_scale if config.guidance_scale_2 is None
                   else config.guidance_scale_2)
-        predictors = [GuidedNoise(
+        predictors = {name: GuidedNoise(
             transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
-            guidance_scale=scale, guided=plan.guided, cfg_group=self.cfg_group,
-        ) for transformer, scale in zip(self.transformers, scales)]
+            guidance_scale=scales[EXPERTS.index(name)], guided=plan.guided, cfg_group=self.cfg_group,
+        ) for name, transformer in zip(self.experts, self.transformers)}
         boundary = None if plan.boundary_ratio is None \
             else plan.boundary_ratio * self.scheduler.config.num_train_timesteps
+        resumes, stop = self._steps()
+        # The low-noise group waits here for the high-noise group's state, outside its denoise time.
+        start = self.handoff.take_from_high() if resumes else initial_noise(plan.latent, plan.seed, device)
         with self.metrics.timed("denoise_s", device):
             result = denoise(
-                latents=initial_noise(plan.latent, plan.seed, device), scheduler=self.scheduler,
-                steps=config.steps, experts=Experts(*predictors, boundary_timestep=boundary), model_dtype=dtype,
-                conditioning=self._conditioning(inputs.condition),
-                show_progress=self.session.rank == plan.dims.dit_leader, description=description,
+                latents=start, scheduler=self.scheduler, steps=config.steps,
+                experts=Experts(*(predictors.get(name) for name in EXPERTS), boundary_timestep=boundary),
+                model_dtype=dtype, conditioning=self._conditioning(inputs.condition),
+                show_progress=self.session.rank == self.group.leader, description=description, stop=stop,
             )
         self.metrics.step_seconds.append(result.step_seconds)
-        return result.latents
+        return result
 
     def _conditioning(self, condition: torch.Tensor | None) -> TextOnly:
         plan, device = self.plan, self.session.device
@@ -296,7 +313,7 @@ class DitStage:
         for handle in self.handles:
             handle.remove()
         self.transformers, self.handles = [], []
-        for name in self.plan.experts:
+        for name in self.experts:
             self.metrics.release(name)
         gc.collect()
 

@@ -1,5 +1,5 @@
-"""LoRA, the Euler sampler, no guidance, compiled blocks and prompt queues, each against diffusers; and what run.json
-says about who holds which weights."""
+"""LoRA, the Euler sampler, no guidance, compiled blocks and prompt queues (one process, a stage split, the
+expert pipeline), each against diffusers; and what run.json says about who holds which weights."""
 
 from __future__ import annotations
 
@@ -40,7 +40,11 @@ def feature_results(t2v_folder, lora_path, family_folders, prompts_file, tmp_pat
             Case("lora_cfg", folder, cfg=2, lora=lora), Case("no_guidance_ulysses", folder, ulysses=2, guidance_scale=1.0),
             # torch.compile'd blocks trace the sequence split's hooks and processor (inductor's CPU code).
             Case("compiled_ulysses", folder, ulysses=2, compile=True),
-            Case("expert_loras_ulysses", str(moe), ulysses=2, lora=expert_loras, guidance_scale_2=2.0)],
+            Case("expert_loras_ulysses", str(moe), ulysses=2, lora=expert_loras, guidance_scale_2=2.0),
+            # The expert pipeline over a queue: rank 0 encodes, runs the high-noise steps of video i+1 while
+            # rank 1 runs the low-noise steps of video i, and decodes.
+            Case("queue_expert_split", str(moe), expert_split=True, prompts_file=str(prompts_file), scheduler="euler",
+                 guidance_scale_2=2.0)],
     }
     cache = str(root / "embeddings")
     worlds[1] += [Case("cache_cold", folder, embedding_cache=cache), Case("cache_warm", folder, embedding_cache=cache)]
@@ -74,7 +78,7 @@ def test_an_expert_lora_goes_into_the_experts_it_names(feature_results):
     assert max_abs_error(out_dir / "frames.npy", other) > 100 * TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["queue_single", "queue_stage_split"])
+@pytest.mark.parametrize("name", ["queue_single", "queue_stage_split", "queue_expert_split"])
 def test_prompt_queue_one_video_per_line(feature_results, name):
     case, out_dir = feature_results[name]
     report = json.loads((out_dir / "run.json").read_text())
@@ -101,6 +105,17 @@ def test_stage_split_memory_report(feature_results):
     assert len(timings["steps_s"]) == len(QUEUE) and all(len(s) == 3 for s in timings["steps_s"])
     for key in ("load_s", "encode_s", "denoise_s", "decode_s", "total_s"):
         assert timings[key] > 0, key
+
+
+def test_expert_pipeline_reports_both_groups(feature_results):
+    """Each video's steps are the high-noise group's and then the low-noise group's; each rank loaded
+    only its expert."""
+    _, out_dir = feature_results["queue_expert_split"]
+    report = json.loads((out_dir / "run.json").read_text())
+    assert [(g["expert"], g["ranks"]) for g in report["mesh"]["expert_groups"]] == [("dit", [0]), ("dit_2", [1])]
+    assert [len(steps) for steps in report["timings"]["steps_s"]] == [3] * len(QUEUE)
+    assert set(report["memory"][0]["loaded_parameter_bytes"]) == {"text_encoder", "vae", "dit"}
+    assert set(report["memory"][1]["loaded_parameter_bytes"]) == {"dit_2"}
 
 
 def test_warm_embedding_cache_never_loads_the_text_encoder(feature_results):

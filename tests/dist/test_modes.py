@@ -29,7 +29,9 @@ def _layouts(world: int) -> list[dict]:
 
 
 # The other families (tests/conftest.py FAMILY_SPECS), each in single and in layouts that cover every
-# axis, the stage split and FSDP: two experts of different depths (the low-noise one at its own guidance),
+# axis, the stage split and FSDP: two experts of different depths (the low-noise one at its own guidance;
+# split between two groups of ranks too, the first of 3 steps the high-noise group's, UniPC's history
+# handed to the low-noise group with the latents),
 # TI2V's per-token timesteps split with the tokens (at 96x160: 45 tokens, 3 per shard of 15 plus padding
 # for 2 and 4), FLF2V's two images.
 _SIZES = {"ti2v_t2v": dict(height=96, width=160), "ti2v_i2v": dict(height=96, width=160)}
@@ -37,13 +39,17 @@ _FAMILY_LAYOUTS = {
     1: [("moe_t2v", "single", {}), ("moe_i2v", "single", {}), ("ti2v_t2v", "single", {}),
         ("ti2v_i2v", "single", {}), ("flf2v", "single", {})],
     2: [("moe_t2v", "cfg", dict(cfg=2)), ("moe_t2v", "ulysses", dict(ulysses=2)),
+        ("moe_t2v", "expert_split", dict(expert_split=True)),
         ("moe_i2v", "cfg_fsdp", dict(cfg=2, fsdp=True)), ("ti2v_i2v", "ulysses", dict(ulysses=2)),
         ("ti2v_t2v", "ring_fsdp", dict(ring=2, fsdp=True)), ("flf2v", "stage_split", dict(stage_split=True))],
     3: [("moe_t2v", "ring3", dict(ring=3)),
         # The 48-channel VAE's encode and decode in bands over the three ranks too.
         ("ti2v_i2v", "ring3_vae_bands", dict(ring=3, vae_decode="patch", vae_encode="patch")),
         ("ti2v_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2)),
-        ("flf2v", "ulysses3", dict(ulysses=3)), ("moe_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2))],
+        ("flf2v", "ulysses3", dict(ulysses=3)), ("moe_i2v", "stage_split_cfg", dict(stage_split=True, cfg=2)),
+        # Ulysses over the high-noise group's 2 ranks (degrees left open are filled per group).
+        ("moe_t2v", "expert_split_ulysses_high", dict(expert_split=True, expert_ranks=(2, 1), ulysses=None)),
+        ("moe_i2v", "expert_split_stage_split", dict(expert_split=True, stage_split=True))],
     4: [("moe_t2v", "usp_fsdp", dict(ulysses=2, ring=2, fsdp=True)), ("ti2v_t2v", "cfg_usp", dict(cfg=2, ulysses=2)),
         ("moe_i2v", "stage_split_ulysses3", dict(stage_split=True, ulysses=3)),
         ("flf2v", "cfg_ring_fsdp", dict(cfg=2, ring=2, fsdp=True))],
@@ -133,3 +139,23 @@ def test_modes_differ_from_a_wrong_answer(world_results):
     kwargs = case.reference_kwargs()
     other = reference_frames(case.folder, **kwargs, seed=1)
     assert max_abs_error(out_dir / "frames.npy", other) > 100 * TOLERANCE
+
+
+@pytest.mark.parametrize("name, groups", [
+    ("moe_t2v_expert_split", [("dit", [0], (1, 1, 1)), ("dit_2", [1], (1, 1, 1))]),
+    ("moe_t2v_expert_split_ulysses_high", [("dit", [0, 1], (1, 1, 2)), ("dit_2", [2], (1, 1, 1))]),
+    ("moe_i2v_expert_split_stage_split", [("dit", [1], (1, 1, 1)), ("dit_2", [2], (1, 1, 1))]),
+])
+def test_expert_split_ranks_hold_only_their_expert(world_results, name, groups):
+    """run.json: the groups as planned, and each DiT rank loaded only its group's expert (beside rank 0's
+    encoders and VAE), as many bytes as the plan predicted, released after the last video."""
+    _, out_dir = world_results[name]
+    report = json.loads((out_dir / "run.json").read_text())
+    assert [(g["expert"], g["ranks"], (g["cfg"], g["ring"], g["ulysses"])) for g in report["mesh"]["expert_groups"]] \
+        == groups
+    for expert, ranks, _ in groups:
+        for rank in ranks:
+            memory = report["memory"][rank]
+            assert set(memory["loaded_parameter_bytes"]) - {"text_encoder", "vae"} == {expert}, (rank, memory)
+            assert memory["loaded_parameter_bytes"][expert] == report["plan"]["components"][expert]["weight_bytes"]
+            assert expert not in memory["held_parameter_bytes_at_end"]
