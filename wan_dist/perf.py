@@ -256,6 +256,58 @@ def predict_step(
     return StepPrediction(mode, gpus, link.name, compute, comm, step, single_step_s / step)
 
 
+@dataclass(frozen=True)
+class ExpertPipelinePrediction:
+    """A two-expert model's seconds per video in a long queue on `gpus` GPUs: with both experts on every
+    GPU (all steps over all GPUs; the switch moves nothing, each expert is already there), against the
+    expert pipeline (parallel.expert_split: `high_gpus` run the high-noise steps of video i+1 while
+    `low_gpus` run the low-noise steps of video i, so a video takes the slower group's time, plus the
+    latents and sampler state crossing once)."""
+
+    gpus: int
+    link: str
+    high_steps: int
+    low_steps: int
+    high_gpus: int
+    low_gpus: int
+    shared_s: float
+    split_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.shared_s / self.split_s
+
+
+def _mode_for(gpus: int, guided: bool) -> str:
+    """The layout parallel=auto takes on `gpus` GPUs: cfg when guided and even, Ulysses over the rest."""
+    if gpus == 1:
+        return "single"
+    if guided and gpus % 2 == 0:
+        return "cfg" if gpus == 2 else "cfg_ulysses"
+    return "ulysses"
+
+
+def predict_expert_pipeline(
+    dit_config: dict, tokens: int, *, gpus: int, high_steps: int, low_steps: int, link: Link,
+    single_step_s: float, guided: bool = True, sampler_tensors: int = 4,
+) -> ExpertPipelinePrediction:
+    """Both ways of running a two-expert model on `gpus` GPUs (experts of the same size, as A14B's), from
+    the one-GPU step time; the groups are sized in proportion to the steps, at least one GPU each.
+    `sampler_tensors`: latent-sized fp32 tensors of the sampler's state that cross with the latents
+    (UniPC of order 2: the latents, its last sample and two model outputs)."""
+    def step(count: int) -> float:
+        return predict_step(dit_config, tokens, mode=_mode_for(count, guided), gpus=count, link=link,
+                            single_step_s=single_step_s, guided=guided).step_s
+
+    high_gpus = min(gpus - 1, max(1, round(gpus * high_steps / (high_steps + low_steps))))
+    low_gpus = gpus - high_gpus
+    latent_bytes = tokens * dit_config["out_channels"] * math.prod(dit_config["patch_size"]) * 4
+    handover = sampler_tensors * latent_bytes / link.bytes_per_s + link.latency_s
+    shared = (high_steps + low_steps) * step(gpus)
+    split = max(high_steps * step(high_gpus), low_steps * step(low_gpus)) + handover
+    return ExpertPipelinePrediction(gpus, link.name, high_steps, low_steps, high_gpus, low_gpus, shared, split)
+
+
 def scaling_table(
     dit_config: dict, tokens: int, *, single_step_s: float, gpu_counts: tuple[int, ...] = (1, 2, 4, 8),
     modes: tuple[str, ...] = ("ulysses", "ring"), links: tuple[Link, ...] = (NVLINK, PCIE), guided: bool = True,
@@ -454,8 +506,29 @@ def fitted_transfer_markdown() -> str:
     return transfer_markdown(transfer_table(WAN_14B_CONFIG, WAN_720P_TOKENS, single_step_s=fit["single_step_s"]))
 
 
+# T2V-A14B at its defaults (40 steps, shift 12, boundary 0.875): the steps each expert runs.
+A14B_T2V_EXPERT_STEPS = (26, 14)
+
+
+def expert_pipeline_markdown(steps: tuple[int, int] = A14B_T2V_EXPERT_STEPS) -> str:
+    """T2V-A14B at 720p in a long queue: both experts on every GPU against the expert pipeline, from the
+    14B step time fitted to the official figures (each expert is a 14B DiT)."""
+    single = fit_official(link=NVLINK)["single_step_s"]
+    lines = ["| GPUs | link | groups (high + low) | s per video, both experts everywhere | s per video, expert "
+             "pipeline | speed-up |", "| --- | --- | --- | --- | --- | --- |"]
+    for link in (NVLINK, PCIE):
+        for gpus in (2, 4, 8):
+            p = predict_expert_pipeline(WAN_14B_CONFIG, WAN_720P_TOKENS, gpus=gpus, high_steps=steps[0],
+                                        low_steps=steps[1], link=link, single_step_s=single)
+            lines.append(f"| {gpus} | {link.name} | {p.high_gpus} + {p.low_gpus} | {p.shared_s:.0f} | {p.split_s:.0f} "
+                         f"| {p.speedup:.2f}x |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(official_comparison_markdown())
+    print()
+    print(expert_pipeline_markdown())
     print()
     print(decode_share_markdown())
     print()

@@ -159,3 +159,19 @@ def test_transfers_against_block_compute():
     assert {(r["option"], r["gpus"]) for r in rows} >= {("fsdp", 2), ("fsdp", 8), ("offload", 1)}
     assert ("fsdp", 1) not in {(r["option"], r["gpus"]) for r in rows}
     assert "| offload | 1 | PCIe (host) | 703 |" in transfer_markdown(rows)
+
+
+def test_expert_pipeline_prediction():
+    """The expert pipeline takes the slower group's time per video: it cannot beat cfg's perfect halving
+    on 2 guided GPUs with A14B's 26/14 steps, and it wins where nothing else splits well (unguided, equal
+    steps, 2 GPUs: one step on each group against Ulysses' communication)."""
+    from wan_dist.perf import NVLINK, WAN_14B_CONFIG, WAN_720P_TOKENS, predict_expert_pipeline
+
+    guided = predict_expert_pipeline(WAN_14B_CONFIG, WAN_720P_TOKENS, gpus=2, high_steps=26, low_steps=14,
+                                     link=NVLINK, single_step_s=36.0)
+    assert (guided.high_gpus, guided.low_gpus) == (1, 1)
+    assert guided.shared_s == pytest.approx(40 * 18.0, rel=0.01)
+    assert guided.split_s == pytest.approx(26 * 36.0, rel=0.01) and guided.speedup < 1
+    balanced = predict_expert_pipeline(WAN_14B_CONFIG, WAN_720P_TOKENS, gpus=2, high_steps=20, low_steps=20,
+                                       link=NVLINK, single_step_s=18.0, guided=False)
+    assert balanced.speedup > 1
