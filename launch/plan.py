@@ -73,7 +73,7 @@ def _compose(overrides: list[str]):
     return run
 
 
-def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choice:
+def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int, overrides: list[str]) -> Choice:
     """The first of the planner's steps that fits (or the last one tried, which does not), and its plan."""
     import torch
 
@@ -83,7 +83,7 @@ def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choic
 
         def build(candidate, size: int) -> JobPlan:
             plan = build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
-                              seed=0, facts_of_device=facts, choose=False)
+                              seed=0, facts_of_device=facts, given=overrides, choose=False)
             plan.memory  # computed while the plan's folder is there
             return plan
 
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
         for world_size in settings["world_sizes"]:
             for gpu_gib in settings["gpu_memory_gib"]:
                 try:
-                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib)
+                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib, overrides)
                 except ConfigError as error:  # this world size does not suit the layout given
                     choice = str(error)
                 rows.append(row(choice, world_size, gpu_gib))

@@ -129,7 +129,7 @@ def _random_components(spec: ModelSpec) -> dict[str, Any]:
                 block.attn1.to_out[0].weight.mul_(self_gain)
                 block.attn2.to_out[0].weight.mul_(cross_gain)
     components["scheduler"] = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=spec.flow_shift,
     )
     if spec.has_image_encoder:
         components["image_processor"] = CLIPImageProcessor(

@@ -35,6 +35,7 @@ from .memory import (
 from .parallel_dims import ParallelDims, check_expert_split, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, expert_step_counts, latent_shape
 from .presets import IMAGE_TASKS
+from .sampling import SAMPLING_KEYS, SamplingPlan, resolve_sampling
 from .text_encoding import cpu_encoder_dtype, cpu_flags
 from .video import output_names, write_json
 
@@ -109,7 +110,8 @@ class VideoPlan:
 
 @dataclass(frozen=True)
 class JobPlan:
-    config: RunConfig  # as validated; never mutated (resolved values live in the plan's own fields)
+    # As validated, with its sampling keys resolved (`sampling` says where each came from); never mutated.
+    config: RunConfig
     folder: Path
     family: str
     task: str
@@ -129,6 +131,7 @@ class JobPlan:
     videos: tuple[VideoPlan, ...]
     out_dir: Path
     seed: int
+    sampling: SamplingPlan
     ranks: tuple[RankPlan, ...] = field(default=())
     added: tuple[str, ...] = ()  # what the planner (planner.py) added to fit the device, as overrides
 
@@ -233,6 +236,7 @@ class JobPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "model": {"folder": str(self.folder), "family": self.family, "task": self.task},
+            "sampling": self.sampling.to_json(),
             "world_size": self.world_size, "device": self.device_type,
             "layout": {"cfg": self.dims.cfg, "ring": self.dims.ring, "ulysses": self.dims.ulysses,
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
@@ -265,6 +269,7 @@ class JobPlan:
                  f"kernels {', '.join(f'{use}={k}' for use, k in self.kernels.items())}"
                  + ("; DiT sharded over the DiT ranks (FSDP2)" if self.fsdp else "")
                  + (f"; added to fit the device: {' '.join(self.added)}" if self.added else ""),
+                 f"sampling: {self.sampling.describe()}",
                  f"{len(self.videos)} video(s) into {self.out_dir}", "",
                  f"{'rank':>4}  {'role':<17} {'components':<42} {'weights GiB':>11} {'peak GiB':>9}"]
         for r in self.ranks:
@@ -306,7 +311,7 @@ def build_plan(
 
         def build(candidate: RunConfig, size: int) -> JobPlan:
             return build_plan(candidate, world_size=size, rank=rank, device=device, out_dir=out_dir, seed=seed,
-                              agree=agree, facts_of_device=device_facts, choose=False)
+                              agree=agree, facts_of_device=device_facts, given=given, choose=False)
 
         keys = planner.given_keys(run, given)
         memory = device_facts.memory_bytes
@@ -333,6 +338,10 @@ def build_plan(
     if problem:
         raise ConfigError(problem)
     folder = model_folder(run.model)
+    sampling = resolve_sampling(run, preset=run.model.preset, given=given, folder=folder, seed=seed,
+                                drawn=run.seed < 0)
+    for key in SAMPLING_KEYS:
+        setattr(run, key, getattr(sampling, key))
     experts = EXPERTS[:facts.experts]
     vae_config = read_component_config(folder, "vae")
     dit_configs = {name: read_component_config(folder, SUBFOLDERS[name]) for name in experts}
@@ -407,7 +416,7 @@ def build_plan(
         vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape,
         num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
         negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
-        out_dir=out_dir, seed=seed, ranks=tuple(ranks),
+        out_dir=out_dir, seed=seed, sampling=sampling, ranks=tuple(ranks),
     )
 
 

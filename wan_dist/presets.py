@@ -61,6 +61,8 @@ class ModelSpec:
     attn_out_gain: tuple[float, float] = (4.0, 8.0)
     # dtype the weights are stored in: the real sizes are written in bf16 to halve the disk they take.
     save_dtype: str = "fp32"
+    # The flow shift the folder's scheduler config states (what diffusers' pipeline samples the folder with).
+    flow_shift: float = 3.0
     seed: int = 0
 
     @property

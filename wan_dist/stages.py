@@ -65,11 +65,11 @@ class VaeWork:
         vae_encode=patch."""
         from diffusers.utils import load_image
 
-        config = self.plan.config
+        config, sampling = self.plan.config, self.plan.sampling
         with self.metrics.timed("encode_s"):
             return encode_image_condition(
-                load_image(config.image), self.vae, height=config.height, width=config.width,
-                num_frames=config.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
+                load_image(config.image), self.vae, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
                 first_frame_only=self.plan.family == WAN22_TI2V,
                 group=self.group if self.plan.vae_encode == "patch" else None)
 
@@ -169,7 +169,8 @@ class EncoderStage:
             self._hand_over_through(video.index + self.handoff.ahead)
             frames = self.vae.decode(latents)
             with self.metrics.timed("write_s"):
-                write_video(frames, plan.out_dir / video.video, config.frame_rate, overwrite=config.output.overwrite)
+                write_video(frames, plan.out_dir / video.video, plan.sampling.frame_rate,
+                            overwrite=config.output.overwrite)
                 if video.frames:
                     write_frames(frames, plan.out_dir / video.frames, overwrite=config.output.overwrite)
             self.videos.append({"index": video.index, "prompt": video.prompt, "video": video.video,
@@ -216,7 +217,8 @@ class DitStage:
                 self.transformers.append(transformer)
                 self.handles.append(handle)
                 metrics.hold(name, parameter_bytes(transformer))
-            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, seed=plan.seed)
+            self.scheduler = load_scheduler(plan.folder, plan.sampling.scheduler, plan.sampling.flow_shift,
+                                            seed=plan.seed)
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
@@ -272,15 +274,15 @@ class DitStage:
 
     def _denoise(self, inputs: DitInputs, description: str) -> DenoiseResult:
         device, dtype, plan = self.session.device, self.dtype, self.plan
-        config = plan.config
 
         def to_dit(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
         # Whether there is an unconditional branch is the high-noise guidance's call (diffusers'
         # do_classifier_free_guidance); the low-noise expert combines the branches with its own scale.
-        scales = (config.guidance_scale, config.guidance_scale if config.guidance_scale_2 is None
-                  else config.guidance_scale_2)
+        sampling = plan.sampling
+        scales = (sampling.guidance_scale, sampling.guidance_scale if sampling.guidance_scale_2 is None
+                  else sampling.guidance_scale_2)
         predictors = {name: GuidedNoise(
             transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
@@ -293,7 +295,7 @@ class DitStage:
         start = self.handoff.take_from_high() if resumes else initial_noise(plan.latent, plan.seed, device)
         with self.metrics.timed("denoise_s", device):
             result = denoise(
-                latents=start, scheduler=self.scheduler, steps=config.steps,
+                latents=start, scheduler=self.scheduler, steps=sampling.steps,
                 experts=Experts(*(predictors.get(name) for name in EXPERTS), boundary_timestep=boundary),
                 model_dtype=dtype, conditioning=self._conditioning(inputs.condition),
                 show_progress=self.session.rank == self.group.leader, description=description, stop=stop,
