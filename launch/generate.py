@@ -92,7 +92,7 @@ def main(cfg: DictConfig) -> None:
                 out_dir=session.agree(run.output.dir or hydra_cfg.runtime.output_dir),
                 # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
                 seed=session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31)),
-                agree=session.agree,
+                agree=session.agree, least=session.least,
                 # What the user named is kept; the planner fills the rest to fit the GPU.
                 given=list(hydra_cfg.overrides.task),
             )

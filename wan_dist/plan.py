@@ -69,6 +69,18 @@ class DeviceFacts:
         return DeviceFacts("cuda", device_capability(device), torch.cuda.mem_get_info(device)[0])
 
 
+def agreed_device_facts(own: DeviceFacts, *, agree: Callable[[Any], Any],
+                        least: Callable[[int], int]) -> DeviceFacts:
+    """The facts every rank plans with, from each rank's `own`: rank 0's device kind and capability, and
+    the least free memory of any rank (`least`: the minimum over the ranks), since one layout is planned
+    for all of them and it must fit the rank with the least room (another process may hold memory on
+    one GPU only)."""
+    agreed = agree(own)
+    if agreed.memory_bytes is None:
+        return agreed
+    return replace(agreed, memory_bytes=least(own.memory_bytes))
+
+
 @dataclass(frozen=True)
 class ComponentPlan:
     """One model component: its compute dtype, the device kind it runs on and the ranks that hold it."""
@@ -294,18 +306,22 @@ def _identity(value: Any) -> Any:
 
 def build_plan(
     run: RunConfig, *, world_size: int, rank: int, device: torch.device, out_dir: str | Path, seed: int,
-    agree: Callable[[Any], Any] = _identity, facts_of_device: DeviceFacts | None = None,
+    agree: Callable[[Any], Any] = _identity, least: Callable[[int], int] = _identity,
+    own_facts: DeviceFacts | None = None, facts_of_device: DeviceFacts | None = None,
     given: Collection[str] = (), choose: bool = True,
 ) -> JobPlan:
     """Resolve `run` for this world. Called on every rank with the same arguments; `agree(value)` returns
     rank 0's `value` on every rank (the session's broadcast), used where only rank 0 can find out (the
-    output dir it will write, the model it builds on first use, its GPU's free memory). Raises ConfigError
-    on every rank alike. `facts_of_device` stands in for `device`'s own (a planner's imagined GPU).
+    output dir it will write, the model it builds on first use, its GPU's kind); `least(value)` the
+    smallest of the ranks' values (the session's all-reduce), used for the free memory. Raises ConfigError
+    on every rank alike. `own_facts` stands in for what this rank reads of `device`; `facts_of_device` for
+    the facts agreed over the ranks (a planner's imagined GPU: no agreement).
 
     On a GPU the planner (planner.py) fills what the user left open (`given`: the keys named on the
     command line) with the first of its steps that fits the free memory, or stops here, before any weight
     is read, naming the smallest change that would fit. `choose=False`: the plan of `run` as it is."""
-    device_facts = facts_of_device or agree(DeviceFacts.of(device))
+    device_facts = facts_of_device or agreed_device_facts(own_facts or DeviceFacts.of(device), agree=agree,
+                                                          least=least)
     if choose and device_facts.type == "cuda":
         from . import planner
 

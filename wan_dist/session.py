@@ -119,6 +119,14 @@ class Session:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank."""
+        # nccl reduces device tensors only; gloo host ones.
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        box = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN)
+        return int(box.item())
+
     def gather_to_zero(self, value: Any) -> list[Any] | None:
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(value, out, dst=0)
