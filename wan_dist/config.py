@@ -119,7 +119,8 @@ class RunConfig(Sampling):
     embedding_cache: str | None = None
     # Attention kernel: auto (the fastest available: fa3, fa2, cudnn, sdpa) or one of them by name.
     attention: str = "auto"
-    # torch.compile each DiT block (the first steps are slower while it compiles).
+    # torch.compile each DiT block (the first steps are slower while it compiles); with fp8 storage and
+    # FSDP too, not with model.dit_offload=block.
     compile: bool = False
     # Each block's cross-attention keys and values computed once per prompt, not once per step (exact;
     # wan_dist/context_cache.py). Not with compile=true, whose blocks are traced without the cache.

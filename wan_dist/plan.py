@@ -459,6 +459,14 @@ def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | No
     if model.dit_offload == "block" and str(run.parallel.fsdp).lower() == "true":
         fail("model.dit_offload", model.dit_offload, "none with parallel.fsdp=true: each rank holds only its "
              "shard already; use one or the other")
+    if model.dit_offload == "block" and run.compile:
+        # diffusers' group offloading moves a block's weights in and out inside the block's forward
+        # (`param.data` swapped in methods torch.compile is told to skip, a side stream synchronised from the
+        # hook), so a compiled block would break its graph there and guard on weights whose device differs
+        # from one call to the next; and block offload runs only on CUDA, where nothing here shows it right.
+        # fp8 storage and FSDP2 under compile are compared with their eager forward (tests/dist/test_compile.py).
+        fail("compile", run.compile, "false with model.dit_offload=block: group offloading moves each block's "
+             "weights inside its forward, which torch.compile does not trace; or model.dit_offload=none")
     return STORAGE_DTYPES_BY_NAME.get(model.dit_storage_dtype), model.dit_offload == "block"
 
 
