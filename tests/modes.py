@@ -106,6 +106,6 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,
     for case in cases:
         out_dir = Path(out_root) / case.name
         plan = build_plan(case.run_config(out_dir), world_size=world_size, rank=rank, device=device,
-                          out_dir=out_dir, seed=0, agree=session.agree)
+                          out_dir=out_dir, seed=0, agree=session.agree, least=session.least)
         reports.append(generate(plan, session))
     return reports
