@@ -1,6 +1,6 @@
 """Which layout fits a GPU: the planner's steps, tried in order on the plan's memory model, each only if
-the previous one does not fit. `build_plan` runs it for a CUDA device with its free memory (parallel=auto
-and every key left open), launch/plan.py for GPUs it imagines.
+the previous one does not fit. `build_plan` runs it for a CUDA device with the ranks' least free memory
+(parallel=auto and every key left open), launch/plan.py for GPUs it imagines.
 
 The steps, each applied only where the user left its keys open: the layout as given (`parallel=auto`:
 cfg when guided, then the sequence axes), unsharded; the DiT sharded over the DiT ranks (FSDP2); also the
