@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from wan_dist.building import ensure_shapes_folder  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
 from wan_dist.loading import read_component_config  # noqa: E402
-from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, predict_transfer  # noqa: E402
+from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
 from wan_dist.plan import DeviceFacts, JobPlan, build_plan  # noqa: E402
 from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
 from wan_dist.presets import MODEL_PRESETS  # noqa: E402
@@ -97,9 +97,7 @@ def transfers(plan: JobPlan) -> list[dict]:
     option = "fsdp" if plan.fsdp else "offload" if dit.offload else None
     if option is None:
         return []
-    dims, gpus = plan.dims, len(plan.dims.dit_ranks)
-    sequence = "ulysses" if dims.ring * dims.ulysses > 1 else ""
-    mode = "_".join(filter(None, ("cfg" if dims.cfg > 1 else "", sequence))) or "single"
+    gpus, mode = len(plan.dims.dit_ranks), mode_of(plan.dims)
     config = read_component_config(plan.folder, "transformer")
     single = estimated_step_s(config, plan.num_tokens, guided=plan.guided)
     stored = dit.storage_dtype or dit.dtype

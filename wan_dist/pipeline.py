@@ -210,9 +210,6 @@ class TokenTimesteps(TextOnly):
         return (1 - self.mask) * self.condition + self.mask * latents
 
 
-Conditioning = TextOnly
-
-
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor
@@ -228,7 +225,7 @@ def denoise(
     steps: int,
     experts: Experts,
     model_dtype: torch.dtype,
-    conditioning: Conditioning = TextOnly(),
+    conditioning: TextOnly = TextOnly(),
     show_progress: bool = True,
     description: str = "denoising",
     stop: int | None = None,

@@ -152,10 +152,6 @@ class JobPlan:
         return self.negative_prompt is not None
 
     @property
-    def is_queue(self) -> bool:
-        return self.config.prompts_file is not None
-
-    @property
     def experts(self) -> tuple[str, ...]:
         """The DiT components: "dit", and "dit_2" for a two-expert model."""
         return tuple(name for name in EXPERTS if name in self.components)

@@ -23,7 +23,6 @@ WAN_NEGATIVE_PROMPT = (
 WAN21 = "wan2.1"
 WAN22_EXPERTS = "wan2.2_moe"
 WAN22_TI2V = "wan2.2_ti2v"
-FAMILIES = (WAN21, WAN22_EXPERTS, WAN22_TI2V)
 # Where a folder keeps its DiTs: the one DiT, or the high-noise expert, then the low-noise expert.
 DIT_SUBFOLDERS = ("transformer", "transformer_2")
 # The tasks that take `image=` (and FLF2V also `last_image=`).

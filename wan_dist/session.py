@@ -132,9 +132,6 @@ class Session:
         dist.gather_object(value, out, dst=0)
         return out
 
-    def barrier(self) -> None:
-        dist.barrier()
-
 
 def pick_device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
