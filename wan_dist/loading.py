@@ -225,7 +225,11 @@ def _fill_from_files(model: torch.nn.Module, folder: Path, dtype: torch.dtype, d
                     start, end = shard_rows(params[name].shape[0], shard_rank, shard_count)
                     if end > start:
                         target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
-                        local.copy_(_read_rows(handle, data_start, info, start, end).to(target))
+                        if local.dtype == target == SAFETENSORS_DTYPES[info["dtype"]] and local.is_contiguous():
+                            # Stored as it is kept: read into place, with no copy in between.
+                            _read_rows(handle, data_start, info, start, end, into=local)
+                        else:
+                            local.copy_(_read_rows(handle, data_start, info, start, end).to(target))
                     filled.add(name)
         missing = sorted(set(params) - filled)
         if missing:
@@ -234,15 +238,16 @@ def _fill_from_files(model: torch.nn.Module, folder: Path, dtype: torch.dtype, d
     model.eval()
 
 
-def _read_rows(handle, data_start: int, info: dict[str, Any], start: int, end: int) -> torch.Tensor:
-    """Rows `start:end` of one tensor of an open safetensors file (its header entry `info`)."""
+def _read_rows(handle, data_start: int, info: dict[str, Any], start: int, end: int,
+               into: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows `start:end` of one tensor of an open safetensors file (its header entry `info`), read into
+    `into` (contiguous, in the stored dtype, of those rows' shape) when given."""
     dtype, shape = SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
-    row_bytes = math.prod(shape[1:]) * dtype.itemsize
-    handle.seek(data_start + info["data_offsets"][0] + start * row_bytes)
-    data = bytearray((end - start) * row_bytes)
-    if handle.readinto(data) != len(data):
+    rows = torch.empty((end - start, *shape[1:]), dtype=dtype) if into is None else into
+    handle.seek(data_start + info["data_offsets"][0] + start * math.prod(shape[1:]) * dtype.itemsize)
+    if handle.readinto(rows.reshape(-1).view(torch.uint8).numpy()) != rows.numel() * dtype.itemsize:
         raise ValueError(f"{handle.name} ends inside its tensor rows")
-    return torch.frombuffer(data, dtype=dtype).reshape(end - start, *shape[1:])
+    return rows
 
 
 def _rebuild_rotary_tables(model: torch.nn.Module, device: torch.device) -> None:
