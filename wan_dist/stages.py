@@ -237,8 +237,11 @@ class DitStage:
             return transformer, handle
         if dit.offload:
             # The DiT never goes to the device whole: it is read into the host memory it streams from, and
-            # the offload step places its parts.
-            transformer = load_transformer_to_host(plan.folder, dit.dtype, pinned=device.type == "cuda",
+            # the offload step places its parts. fp8 storage replaces each stored weight by a cast copy,
+            # which group offloading then pins itself: pinned, the loaded weights would only stay behind
+            # in torch's cache of pinned memory.
+            transformer = load_transformer_to_host(plan.folder, dit.dtype,
+                                                   pinned=device.type == "cuda" and dit.storage_dtype is None,
                                                    allow_pickle=plan.config.model.allow_pickle,
                                                    subfolder=dit.subfolder)
         else:
