@@ -68,7 +68,6 @@ def say_error(message: str) -> None:
 def main(cfg: DictConfig) -> None:
     env = rank_env()
     _quiet_other_ranks(env.rank)
-    keep_freed_host_memory()  # process-wide, so decided here, by the program, not by the library
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         check_schema_keys(cfg)
@@ -98,6 +97,11 @@ def main(cfg: DictConfig) -> None:
             )
             if session.rank == 0:
                 log.info("%d rank(s): %s; outputs in %s", session.world_size, plan.dims.describe(), plan.out_dir)
+            # Process-wide, so decided here, by the program, and before any weight is read. Sharded, the
+            # blocks FSDP gathers and frees every step are the memory sharding is for: they go back to
+            # the kernel as glibc returns them by default (README, Memory).
+            if not plan.fsdp:
+                keep_freed_host_memory()
             if run.dry_run:
                 if session.rank == 0:
                     print(plan.table(), flush=True)

@@ -219,8 +219,9 @@ class JobPlan:
             held = [name for name in self.experts if name in r.weight_bytes]
             if dit.offload and held:
                 # Block offload: the blocks live in host memory; the device holds each expert's root, and
-                # the block running and the one on its way.
-                on_device += max(2 * block_and_root[name][0] for name in held) \
+                # three blocks: the one finishing, the one launched and the one on its way
+                # (parallelize._OffloadLead).
+                on_device += max(3 * block_and_root[name][0] for name in held) \
                     + sum(block_and_root[name][1] - r.weight_bytes[name] for name in held)
             is_dit = self.dims.is_dit_rank(r.rank)
             group = self.dims.group_of(r.rank)

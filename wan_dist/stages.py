@@ -25,7 +25,7 @@ from .cfg_parallel import GuidedNoise
 from .decode import decode_latents
 from .loading import (
     apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
-    load_transformer_sharded, load_vae, parameter_bytes, read_component_config,
+    load_transformer_sharded, load_transformer_to_host, load_vae, parameter_bytes, read_component_config,
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
@@ -237,9 +237,18 @@ class DitStage:
                                      shard_rank=plan.dims.dit_ranks.index(self.session.rank),
                                      shard_count=len(plan.dims.dit_ranks))
             return transformer, handle
-        # Offloaded, the DiT never goes to the device whole: the offload step places its parts.
-        transformer = load_transformer(plan.folder, dit.dtype, torch.device("cpu") if dit.offload else device,
-                                       allow_pickle=plan.config.model.allow_pickle, subfolder=dit.subfolder)
+        if dit.offload:
+            # The DiT never goes to the device whole: it is read into the host memory it streams from, and
+            # the offload step places its parts. fp8 storage replaces each stored weight by a cast copy,
+            # which group offloading then pins itself: pinned, the loaded weights would only stay behind
+            # in torch's cache of pinned memory.
+            transformer = load_transformer_to_host(plan.folder, dit.dtype,
+                                                   pinned=device.type == "cuda" and dit.storage_dtype is None,
+                                                   allow_pickle=plan.config.model.allow_pickle,
+                                                   subfolder=dit.subfolder)
+        else:
+            transformer = load_transformer(plan.folder, dit.dtype, device, allow_pickle=plan.config.model.allow_pickle,
+                                           subfolder=dit.subfolder)
         apply_loras(transformer, list(dit.loras))
         return transformer, parallelize_dit(transformer, **options)
 
