@@ -345,11 +345,13 @@ CHILD_STEPS = {"preflight", "kernels", "hang"}
 @dataclass
 class Child:
     """One child's end: its exit code (None when it was stopped at its timeout), its seconds, its log,
-    and the processes of its step still alive after the kill (none, unless something refuses to die)."""
+    the processes of its step that were still running when it ended or timed out (and were signalled),
+    and those still alive after the kill (none, unless something refuses to die)."""
 
     code: int | None
     seconds: float
     log: Path
+    killed: list[int]
     survivors: list[int]
 
     @property
@@ -391,16 +393,18 @@ def _step_processes(marker: str, root_pid: int) -> dict[int, Any]:
     return {pid: proc for pid, proc in found.items() if _alive(proc)}
 
 
-def end_step(marker: str, root_pid: int, grace_s: float = KILL_GRACE_S) -> list[int]:
+def end_step(marker: str, root_pid: int, grace_s: float = KILL_GRACE_S) -> tuple[list[int], list[int]]:
     """SIGTERM to every process of the step (and to their process groups), SIGKILL after `grace_s` to what
-    is left; the pids still alive after that."""
+    is left; the pids signalled, and those still alive after that."""
     import psutil
 
     own_group = os.getpgrp()
+    signalled: set[int] = set()
     for sig in (signal.SIGTERM, signal.SIGKILL):
         procs = _step_processes(marker, root_pid)
         if not procs:
-            return []
+            return sorted(signalled), []
+        signalled.update(procs)
         groups = set()
         for proc in procs.values():
             try:
@@ -420,7 +424,7 @@ def end_step(marker: str, root_pid: int, grace_s: float = KILL_GRACE_S) -> list[
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline and any(_alive(p) for p in procs.values()):
             psutil.wait_procs([p for p in procs.values() if _alive(p)], timeout=min(0.5, grace_s))
-    return sorted(_step_processes(marker, root_pid))
+    return sorted(signalled), sorted(_step_processes(marker, root_pid))
 
 
 def run_child(name: str, cmd: list[str], env: dict[str, str], timeout_s: float, logs: Path) -> Child:
@@ -439,9 +443,9 @@ def run_child(name: str, cmd: list[str], env: dict[str, str], timeout_s: float, 
         except subprocess.TimeoutExpired:
             code = None
         # Also after a clean exit: a worker or a forked rank may outlive its parent.
-        survivors = end_step(marker, proc.pid)
+        killed, survivors = end_step(marker, proc.pid)
         proc.wait()
-    return Child(code, round(time.monotonic() - began, 1), log, survivors)
+    return Child(code, round(time.monotonic() - began, 1), log, [pid for pid in killed if pid != proc.pid], survivors)
 
 
 @dataclass(frozen=True)
@@ -467,7 +471,6 @@ class Context:
     allow_cpu: bool
     wheels: Path | None
     site: Path
-    budget_s: float = 0.0
 
 
 def _verdict(ok: bool, why: str, **details: Any) -> dict[str, Any]:
@@ -524,11 +527,12 @@ def _run_json_verdict(ctx: Context, name: str, child: Child, **expect: Any) -> d
     report = json.loads(path.read_text())
     details = {"backend": report.get("backend"), "device": report["plan"]["device"],
                "kernels": report["plan"]["kernels"], "timings": report["timings"],
-               "peak_bytes": [m.get("peak_bytes") for m in report["memory"]],
-               "config": {k: report["config"].get(k) for k in ("compile", "attention")}}
-    wrong = {k: (details.get(k, details["config"].get(k)), v) for k, v in expect.items()
-             if details.get(k, details["config"].get(k)) != v}
-    return _verdict(not wrong, "ok" if not wrong else f"run.json: {wrong} (found, expected)", **details)
+               "peak_bytes": [m.get("peak_bytes") for m in report["memory"]]}
+    wrong = {k: (details.get(k), v) for k, v in expect.items() if details.get(k) != v}
+    steps = details["timings"].get("steps_s") or []
+    found = (f"{details['backend']} on {details['device']}, kernels {sorted(set(details['kernels'].values()))}, "
+             f"{len(steps)} steps, {details['timings'].get('total_s', 0):.1f} s in all")
+    return _verdict(not wrong, found if not wrong else f"run.json: {wrong} (found, expected)", **details)
 
 
 def _tiny_run(name: str, *overrides: str) -> Callable[[Context], tuple[list[str], Callable]]:
@@ -632,11 +636,11 @@ CALLS: dict[int, list[Step]] = {
         Step("wheels", 25, 5, "install the carried wheels into a folder of their own", _wheels, needs_wheels=True),
         Step("preflight", 20, 5, "versions, nvidia-smi -L, every carried package imports, host name, ffmpeg, disk",
              _child_step("preflight")),
-        Step("kernels", 35, 10, "LSE merge of every kernel and dtype against fp64 at the real and a small shape; "
+        Step("kernels", 30, 10, "LSE merge of every kernel and dtype against fp64 at the real and a small shape; "
              "kernel times at the 1.3B's 480p self-attention", _child_step("kernels")),
         Step("torchrun", 40, 20, "the entry point under torchrun, nccl, the tiny model", _tiny_run("torchrun")),
-        Step("refused", 25, 15, "a config torchrun's rank refuses in one line (parallel=cfg on one rank)", _refused),
-        Step("bench", 120, 80, "the 1.3B (random bf16 weights) at 480x832x81, 4 steps, against diffusers' "
+        Step("refused", 20, 15, "a config torchrun's rank refuses in one line (parallel=cfg on one rank)", _refused),
+        Step("bench", 130, 80, "the 1.3B (random bf16 weights) at 480x832x81, 4 steps, against diffusers' "
              "pipeline on the same GPU", _bench, needs_cuda=True),
     ],
     2: [
@@ -703,8 +707,6 @@ def run_call(call: int, out: Path, wheels: Path | None, *, allow_cpu: bool = Fal
     site = work / "site"
     have_wheels = wheels is not None and any(wheels.glob("*.whl"))
     env = _environment(site if have_wheels else None)
-    import importlib.util
-
     cuda = _cuda_available(env)
     ctx = Context(work=work, out=out, env=env, cuda=cuda, allow_cpu=allow_cpu, wheels=wheels if have_wheels else None,
                   site=site)
@@ -712,8 +714,7 @@ def run_call(call: int, out: Path, wheels: Path | None, *, allow_cpu: bool = Fal
     records = [{"name": s.name, "what": s.what, "cap_s": s.cap_s, "status": "pending"} for s in steps]
     summary: dict[str, Any] = {
         "call": call, "total_s": total_s, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "cuda": cuda, "python": sys.version.split()[0], "psutil": importlib.util.find_spec("psutil") is not None,
-        "steps": records, "not_shown_on_one_gpu": NOT_SHOWN_ON_ONE_GPU}
+        "cuda": cuda, "python": sys.version.split()[0], "steps": records, "not_shown_on_one_gpu": NOT_SHOWN_ON_ONE_GPU}
 
     def save() -> None:
         summary["elapsed_s"] = round(clock() - start, 1)
@@ -733,10 +734,11 @@ def run_call(call: int, out: Path, wheels: Path | None, *, allow_cpu: bool = Fal
             record.update(status=NOT_REACHED, why=f"{max(budget, 0):.0f} s left of {total_s:.0f} (after a kill's "
                                                   f"{KILL_GRACE_S:.0f} s grace), it needs at least {step.min_s:.0f} s")
         else:
-            ctx.budget_s = budget
             cmd, verdict = step.launch(ctx)
             child = run_child(step.name, cmd, env, budget, work / "logs")
             record.update(budget_s=round(budget, 1), seconds=child.seconds, exit=child.code)
+            if child.killed:
+                record["killed"] = child.killed  # left running by the step, ended by the check
             if child.survivors:
                 record["survivors"] = child.survivors
             try:
@@ -744,8 +746,8 @@ def run_call(call: int, out: Path, wheels: Path | None, *, allow_cpu: bool = Fal
             except Exception as error:  # a verdict that cannot read its outputs fails its step alone
                 outcome = _verdict(False, f"its outputs could not be read: {type(error).__name__}: {error}")
             if child.timed_out:
-                outcome.update(status=FAILED, why=f"timed out after {budget:.0f} s (cap {step.cap_s * cap_scale:.0f} s); "
-                                                  f"{outcome['why']}")
+                outcome.update(status=FAILED, why=f"timed out after {budget:.0f} s (cap {step.cap_s * cap_scale:.0f} "
+                                                  f"s); {outcome['why']}")
             if child.survivors:
                 outcome.update(status=FAILED, why=f"processes {child.survivors} outlived the step; {outcome['why']}")
             record.update(outcome)

@@ -60,9 +60,9 @@ def test_rehearsal_survives_a_hung_step(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WAN_DIST_CACHE": str(tmp_path / "cache")}
     # 60 s: preflight and the kernels run within twice their caps (a shared CPU imports slowly); the hang
     # takes the rest.
-    proc = subprocess.Popen([sys.executable, "launch/gpu_check.py", "--call", "1", "--allow-cpu", "--rehearse-hang",
-                             "--total-s", "60", "--cap-scale", "2", "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "launch/gpu_check.py", "--call", "1", "--allow-cpu", "--rehearse-hang", "--total-s", "60",
+           "--cap-scale", "2", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stdout, _ = proc.communicate(timeout=180)
     assert proc.returncode == 1, stdout
     summary = json.loads((out / gpu_check.SUMMARY).read_text())

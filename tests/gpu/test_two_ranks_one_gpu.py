@@ -12,6 +12,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -41,10 +42,11 @@ WORLD_TIMEOUT_S = 50
 DEVICE = torch.device("cuda", 0)
 
 
-def _staged_rank(rank: int, world_size: int, case: Case, out_root: str) -> dict[str, int]:
-    """The case on this rank with the shim in place; what it staged."""
-    with staged_point_to_point() as counts:
-        run_cases(rank, world_size, [case], out_root, DEVICE)
+def _staged_rank(rank: int, world_size: int, case: Case, out_root: str, device: torch.device) -> dict[str, int]:
+    """The case on this rank with the shim in place; what it staged (host tensors too on a CPU, so that
+    the same code can be tried where no GPU is)."""
+    with staged_point_to_point(also_cpu=device.type == "cpu") as counts:
+        run_cases(rank, world_size, [case], out_root, device)
     return dataclasses.asdict(counts)
 
 
@@ -74,8 +76,8 @@ def one_rank(gpu_t2v_folder, tmp_path_factory):
 def test_two_ranks_match_one(layout, one_rank, tmp_path):
     base, frames = one_rank
     case = dataclasses.replace(base, name=layout, **LAYOUTS[layout])
-    staged = run_on_ranks(2, _staged_rank, case, str(tmp_path), timeout=WORLD_TIMEOUT_S)
-    error = max_abs_error(tmp_path / layout / "frames.npy", frames(LAYOUTS[layout]))
+    staged = run_on_ranks(2, _staged_rank, case, str(tmp_path), DEVICE, timeout=WORLD_TIMEOUT_S)
+    error = max_abs_error(tmp_path / layout / "frames.npy", np.load(frames(LAYOUTS[layout])))
     print(f"{layout}: max abs error {error:.3g} against one rank (tolerance {BF16_TOLERANCE}); staged per rank "
           f"{staged}")
     assert error <= BF16_TOLERANCE, f"{layout}: {error:.3g}"
