@@ -123,3 +123,20 @@ def test_budget_and_summary_on_a_fake_clock(tmp_path, monkeypatch):
     assert summary["steps"][3]["budget_s"] == 40 - gpu_check.KILL_GRACE_S
     assert seen == [["pending"] * 4, ["passed", "pending", "pending", "pending"],
                     ["passed", "failed", "not_reached", "pending"]]
+
+
+def test_pytest_step_stopped_at_its_cap_keeps_what_finished(tmp_path, monkeypatch):
+    """A pytest step whose last test hangs: stopped at the step's cap (no junit XML then), the tests that
+    finished are still in the summary, read from pytest's verbose lines."""
+    tests = tmp_path / "test_probe.py"
+    tests.write_text("import threading\n\ndef test_passes():\n    pass\n\ndef test_fails():\n    assert False\n\n"
+                     "def test_hangs():\n    threading.Event().wait()\n")
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda env: False)
+    step = gpu_check.Step("probe", 20, 1, "", gpu_check._pytest("probe", [str(tests)]))
+    monkeypatch.setitem(gpu_check.CALLS, 1, [step])
+    code = gpu_check.run_call(1, tmp_path / "out", None, total_s=60)
+    (step,) = json.loads((tmp_path / "out" / gpu_check.SUMMARY).read_text())["steps"]
+    assert code == 1 and step["status"] == "failed" and step["why"].startswith("timed out after 20 s"), step
+    outcomes = {test.split("::")[-1]: outcome for test, outcome in step["details"]["tests"].items()}
+    assert outcomes == {"test_passes": "passed", "test_fails": "failed", "(unfinished)": outcomes["(unfinished)"]}
+    assert not (tmp_path / "out" / "junit_probe.xml").exists()
