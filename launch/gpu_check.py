@@ -173,8 +173,9 @@ def preflight(allow_cpu: bool, imports: list[str], out: Path) -> dict[str, Any]:
 
 # Largest ‖merged − reference‖ / ‖reference‖ each input dtype may give: the inputs' own rounding (bf16's
 # 2^-9, fp16's 2^-11, relative) carried through the softmax and the weighted sum, with room for the
-# merge's fp32 arithmetic; fp32 inputs only meet the kernels' own accumulation order.
-REL_TOLERANCE = {"float32": 1e-4, "bfloat16": 1.6e-2, "float16": 2e-3}
+# merge's fp32 arithmetic; fp32 inputs meet the kernel's accumulation order, and room is left for a
+# memory-efficient kernel that multiplies in TF32 (2^-11).
+REL_TOLERANCE = {"float32": 1e-3, "bfloat16": 1.6e-2, "float16": 2e-3}
 # (batch, tokens, heads, head dim): Wan 1.3B's self-attention at 480x832x81 (32760 tokens, 12 heads of
 # 128), where the kernels are timed and checked; a small shape split into more ring blocks; on a CPU,
 # shapes a CPU computes in seconds.
