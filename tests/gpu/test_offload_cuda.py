@@ -20,11 +20,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 KERNELS = {"self_attention": "sdpa", "cross_attention": "sdpa", "sequence_parallel": "sdpa"}
 
 
-def test_offloaded_run_gives_the_same_frames(t2v_folder, tmp_path):
-    cases = [Case("plain", str(t2v_folder), dit_dtype="fp32"),
-             Case("offload", str(t2v_folder), dit_dtype="fp32", dit_offload="block"),
-             Case("offload_fp8", str(t2v_folder), dit_dtype="fp32", dit_offload="block", dit_storage_dtype="fp8_e4m3"),
-             Case("fp8", str(t2v_folder), dit_dtype="fp32", dit_storage_dtype="fp8_e4m3")]
+def test_offloaded_run_gives_the_same_frames(gpu_t2v_folder, tmp_path):
+    cases = [Case("plain", str(gpu_t2v_folder), dit_dtype="fp32"),
+             Case("offload", str(gpu_t2v_folder), dit_dtype="fp32", dit_offload="block"),
+             Case("offload_fp8", str(gpu_t2v_folder), dit_dtype="fp32", dit_offload="block",
+                  dit_storage_dtype="fp8_e4m3"),
+             Case("fp8", str(gpu_t2v_folder), dit_dtype="fp32", dit_storage_dtype="fp8_e4m3")]
     run_on_ranks(1, run_cases, cases, str(tmp_path), backend="nccl", timeout=600)
     import numpy as np
 
