@@ -26,7 +26,8 @@ from .text_encoding import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
-TINY_FORMAT_VERSION = 1
+# Bumped when what a built or shapes-only folder holds changes (2: shapes-only folders hold the scheduler).
+TINY_FORMAT_VERSION = 2
 
 
 def _tiny_tokenizer(folder: Path) -> None:
@@ -291,6 +292,10 @@ def ensure_shapes_folder(preset: str) -> Path:
         for name, model in models.items():
             _write_shapes_only(model, tmp / name)
             index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
+        # A two-expert model's plan counts each expert's steps from the folder's scheduler.
+        scheduler = wan_scheduler(spec.flow_shift)
+        scheduler.save_config(tmp / "scheduler")
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index))
 
     return _build_once(cache_root() / "models" / f"{preset}-shapes-v{TINY_FORMAT_VERSION}", write)
