@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wan_dist.building import ensure_shapes_folder  # noqa: E402
+from wan_dist.config import compose_run  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
 from wan_dist.loading import read_component_config  # noqa: E402
 from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
@@ -58,14 +59,7 @@ def _split_args(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from wan_dist.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        run = OmegaConf.to_object(compose("generate", overrides=overrides))
+    run = compose_run(overrides)
     preset = MODEL_PRESETS[run.model.preset]
     if not run.model.path and not preset.built:
         run.model.path = str(ensure_shapes_folder(run.model.preset))

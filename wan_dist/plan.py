@@ -23,7 +23,7 @@ import torch
 from .attention import choose_kernel, device_capability, installed_kernel_libraries
 from .building import dit_num_heads, model_folder
 from .checks import check_loras, check_model_limits, read_prompts, validate_run
-from .config import SWITCHES, LoraConfig, RunConfig, lora_experts
+from .config import LoraConfig, RunConfig, is_guided, lora_experts
 from .errors import ConfigError, fail
 from .loading import (
     STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, load_scheduler, read_component_config,
@@ -410,7 +410,7 @@ def build_plan(
     for index, prompt in enumerate(prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
-    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp, dims)
+    fsdp = not offload and _resolve_fsdp(run.parallel.fsdp_setting, dims)
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
@@ -428,7 +428,7 @@ def build_plan(
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
         vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape,
         num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
-        negative_prompt=run.negative_prompt if run.guidance_scale > 1.0 else None, videos=tuple(videos),
+        negative_prompt=run.negative_prompt if is_guided(run.guidance_scale) else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, sampling=sampling, ranks=tuple(ranks),
     )
 
@@ -453,7 +453,7 @@ def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | No
     if model.dit_offload == "block" and device.type != "cuda":
         fail("model.dit_offload", model.dit_offload, f"none on {device.type}: block offload streams the DiT's "
              "blocks from CPU memory to a CUDA device, and here the DiT already runs from CPU memory")
-    if model.dit_offload == "block" and str(run.parallel.fsdp).lower() == "true":
+    if model.dit_offload == "block" and run.parallel.fsdp_setting == "true":
         fail("model.dit_offload", model.dit_offload, "none with parallel.fsdp=true: each rank holds only its "
              "shard already; use one or the other")
     if model.dit_offload == "block" and run.compile:
@@ -496,10 +496,7 @@ def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: 
 
 def _resolve_fsdp(setting: str, dims: ParallelDims) -> bool:
     """`true` needs two DiT ranks to shard over; `auto` is left to the planner (planner.py), which sets
-    `true` on a GPU the run does not fit unsharded, and never on a CPU."""
-    setting = str(setting).lower()
-    if setting not in SWITCHES:
-        fail("parallel.fsdp", setting, f"one of {', '.join(SWITCHES)}")
+    `true` on a GPU the run does not fit unsharded, and never on a CPU. (checks.py refused other values.)"""
     if dims.expert_split:
         return False  # each group holds its own expert whole (checks.py refuses `true`)
     shardable = len(dims.dit_ranks) > 1

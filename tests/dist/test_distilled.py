@@ -16,30 +16,18 @@ from tests.dist_utils import run_on_ranks
 from tests.modes import Case, run_cases
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
 from wan_dist.checks import check_loras, validate_run
-from wan_dist.config import RunConfig, register_configs
+from wan_dist.config import RunConfig, compose_run
 from wan_dist.loading import load_scheduler, read_component_config
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # LightX2V's training timesteps: 1000, 750, 500, 250 shifted by 5 (its WanStepDistillScheduler).
 LIGHTX2V_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]
-
-
-def compose(*overrides: str) -> RunConfig:
-    """The run config `launch/generate.py` would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("generate", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")
 def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
     lora = write_lightx2v_lora(t2v_folder, tmp_path_factory.mktemp("lightx2v") / "lightx2v_4step.safetensors")
-    return compose("+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
-                   "height=32", "width=48", "num_frames=5")
+    return compose_run(["+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
+                        "height=32", "width=48", "num_frames=5"])
 
 
 def test_experiment_sets_the_distilled_sampling(distilled_run):
