@@ -76,10 +76,8 @@ def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int, override
     with tempfile.TemporaryDirectory() as out_dir:
 
         def build(candidate, size: int) -> JobPlan:
-            plan = build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
+            return build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
                               seed=0, facts_of_device=facts, given=overrides, choose=False)
-            plan.memory  # computed while the plan's folder is there
-            return plan
 
         return choose(run, given=given, world_size=world_size, memory_bytes=memory, build=build)
 

@@ -11,7 +11,6 @@ it and stops.
 from __future__ import annotations
 
 import copy
-import functools
 import tempfile
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
@@ -145,6 +144,8 @@ class JobPlan:
     seed: int
     sampling: SamplingPlan
     ranks: tuple[RankPlan, ...] = field(default=())
+    # Each rank's predicted memory on its device (memory.py), in rank order.
+    memory: tuple[RankMemory, ...] = ()
     added: tuple[str, ...] = ()  # what the planner (planner.py) added to fit the device, as overrides
 
     @property
@@ -165,72 +166,6 @@ class JobPlan:
 
     def role(self, rank: int) -> str:
         return self.ranks[rank].role
-
-    @functools.cached_property
-    def memory(self) -> list[RankMemory]:
-        """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
-        live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
-        (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
-        from .vae_patch import decode_peak_bytes
-
-        dit_config = read_component_config(self.folder, "transformer")
-        vae_config = read_component_config(self.folder, "vae")
-        dit = self.components["dit"]
-        b = dtype_bytes(dit.dtype)
-        image = self.components.get("image_encoder") is not None
-
-        def activations(group) -> int:
-            local_tokens = -(-self.num_tokens // group.sp)
-            return block_activation_bytes(dit_config, local_tokens, b, ulysses=group.ulysses, ring=group.ring) \
-                + outside_block_bytes(dit_config, local_tokens, self.num_tokens, b, image=image)
-
-        def cache(group, experts_held: int) -> int:
-            # Every expert keeps its own cache (its own cross-attention weights).
-            if not self.config.context_cache or self.config.compile:
-                return 0
-            return experts_held * context_cache_bytes(
-                dit_config, b, contexts=2 if self.guided and group.cfg == 1 else 1, image=image)
-        # One block's and the root's weights of each expert as stored (fp8 where layerwise casting stores
-        # them); the experts share their widths, not always their depths.
-        block_and_root = {}
-        for name in self.experts:
-            expert = self.components[name]
-            stored = layerwise_cast_parameters(self.folder, expert.storage_dtype, expert.subfolder) \
-                if expert.storage_dtype else None
-            block = component_weight_bytes(self.folder, expert.subfolder, expert.dtype, stored=stored,
-                                           prefix="blocks.0.")
-            layers = read_component_config(self.folder, expert.subfolder)["num_layers"]
-            block_and_root[name] = (block, expert.weight_bytes - layers * block)
-        # FSDP: the running expert's block, the prefetched one and its root, gathered whole; one expert
-        # runs at a time.
-        gather = max(2 * block + root for block, root in block_and_root.values()) if self.fsdp else 0
-        decoders = self.components["vae"].ranks
-        frames_h_w = (self.latent.frames, self.latent.height, self.latent.width)
-        if self.config.model.vae_tiling:
-            decode = [vae_decode_bytes(vae_config, height=self.config.height, width=self.config.width,
-                                       num_frames=self.config.num_frames, tiled=True)]
-        else:
-            decode = decode_peak_bytes(vae_config, frames_h_w, len(decoders) if self.vae_decode == "patch" else 1,
-                                       dtype=self.components["vae"].dtype)
-        out = []
-        for r in self.ranks:
-            on_device = sum(b_ for name, b_ in r.weight_bytes.items()
-                            if self.components[name].device == self.device_type)
-            held = [name for name in self.experts if name in r.weight_bytes]
-            if dit.offload and held:
-                # Block offload: the blocks live in host memory; the device holds each expert's root, and
-                # three blocks: the one finishing, the one launched and the one on its way
-                # (parallelize._OffloadLead).
-                on_device += max(3 * block_and_root[name][0] for name in held) \
-                    + sum(block_and_root[name][1] - r.weight_bytes[name] for name in held)
-            is_dit = self.dims.is_dit_rank(r.rank)
-            group = self.dims.group_of(r.rank)
-            decodes = r.rank in decoders and (r.rank == 0 or self.vae_decode == "patch")
-            out.append(RankMemory(
-                weights=on_device, activations=activations(group) if is_dit else 0,
-                gather_buffers=gather if is_dit else 0, context_cache=cache(group, len(held)) if is_dit else 0,
-                decode=decode[min(decoders.index(r.rank), len(decode) - 1)] if decodes else 0))
-        return out
 
     def resolved_config(self) -> dict[str, Any]:
         """The run config as it ran: with the seed, output dir and task the plan resolved."""
@@ -287,6 +222,70 @@ class JobPlan:
             lines.append(f"{r.rank:>4}  {r.role:<17} {held:<42} {sum(r.weight_bytes.values()) / gib:>11.3f} "
                          f"{memory[r.rank].peak / gib:>9.3f}")
         return "\n".join(lines)
+
+
+def _predict_memory(plan: JobPlan, dit_configs: dict[str, dict], vae_config: dict,
+                    stored: dict[str, Collection[str] | None]) -> tuple[RankMemory, ...]:
+    """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
+    live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
+    (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
+    from .vae_patch import decode_peak_bytes
+
+    dit_config = dit_configs["dit"]
+    dit = plan.components["dit"]
+    b = dtype_bytes(dit.dtype)
+    image = plan.components.get("image_encoder") is not None
+
+    def activations(group) -> int:
+        local_tokens = -(-plan.num_tokens // group.sp)
+        return block_activation_bytes(dit_config, local_tokens, b, ulysses=group.ulysses, ring=group.ring) \
+            + outside_block_bytes(dit_config, local_tokens, plan.num_tokens, b, image=image)
+
+    def cache(group, experts_held: int) -> int:
+        # Every expert keeps its own cache (its own cross-attention weights).
+        if not plan.config.context_cache or plan.config.compile:
+            return 0
+        return experts_held * context_cache_bytes(
+            dit_config, b, contexts=2 if plan.guided and group.cfg == 1 else 1, image=image)
+    # One block's and the root's weights of each expert as stored (fp8 where layerwise casting stores
+    # them); the experts share their widths, not always their depths.
+    block_and_root = {}
+    for name in plan.experts:
+        expert = plan.components[name]
+        block = component_weight_bytes(plan.folder, expert.subfolder, expert.dtype, stored=stored[name],
+                                       prefix="blocks.0.")
+        layers = dit_configs[name]["num_layers"]
+        block_and_root[name] = (block, expert.weight_bytes - layers * block)
+    # FSDP: the running expert's block, the prefetched one and its root, gathered whole; one expert
+    # runs at a time.
+    gather = max(2 * block + root for block, root in block_and_root.values()) if plan.fsdp else 0
+    decoders = plan.components["vae"].ranks
+    frames_h_w = (plan.latent.frames, plan.latent.height, plan.latent.width)
+    if plan.config.model.vae_tiling:
+        decode = [vae_decode_bytes(vae_config, height=plan.config.height, width=plan.config.width,
+                                   num_frames=plan.config.num_frames, tiled=True)]
+    else:
+        decode = decode_peak_bytes(vae_config, frames_h_w, len(decoders) if plan.vae_decode == "patch" else 1,
+                                   dtype=plan.components["vae"].dtype)
+    out = []
+    for r in plan.ranks:
+        on_device = sum(b_ for name, b_ in r.weight_bytes.items()
+                        if plan.components[name].device == plan.device_type)
+        held = [name for name in plan.experts if name in r.weight_bytes]
+        if dit.offload and held:
+            # Block offload: the blocks live in host memory; the device holds each expert's root, and
+            # three blocks: the one finishing, the one launched and the one on its way
+            # (parallelize._OffloadLead).
+            on_device += max(3 * block_and_root[name][0] for name in held) \
+                + sum(block_and_root[name][1] - r.weight_bytes[name] for name in held)
+        is_dit = plan.dims.is_dit_rank(r.rank)
+        group = plan.dims.group_of(r.rank)
+        decodes = r.rank in decoders and (r.rank == 0 or plan.vae_decode == "patch")
+        out.append(RankMemory(
+            weights=on_device, activations=activations(group) if is_dit else 0,
+            gather_buffers=gather if is_dit else 0, context_cache=cache(group, len(held)) if is_dit else 0,
+            decode=decode[min(decoders.index(r.rank), len(decode) - 1)] if decodes else 0))
+    return tuple(out)
 
 
 def expert_groups_json(dims: ParallelDims) -> dict[str, Any]:
@@ -422,7 +421,7 @@ def build_plan(
             held[name] = component_weight_bytes(folder, SUBFOLDERS[name], dit_dtype, stored=stored[name],
                                                 shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
         ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
-    return JobPlan(
+    plan = JobPlan(
         config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device.type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
@@ -431,6 +430,7 @@ def build_plan(
         negative_prompt=run.negative_prompt if is_guided(run.guidance_scale) else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, sampling=sampling, ranks=tuple(ranks),
     )
+    return replace(plan, memory=_predict_memory(plan, dit_configs, vae_config, stored))
 
 
 def _expert_steps(run: RunConfig, folder: Path, boundary_ratio: float) -> tuple[int, int]:
