@@ -135,6 +135,7 @@ class JobPlan:
     vae_decode: str  # "rank0", or "patch": every rank decodes a band of rows
     vae_encode: str  # the same for the I2V condition encode
     latent: LatentShape
+    patch: tuple[int, int, int]  # the DiT's (frames, rows, columns) per token
     num_tokens: int
     boundary_ratio: float | None  # two-expert models: the low-noise expert runs below this share of timesteps
     expert_steps: tuple[int, int] | None  # two-expert models: the steps the high- and the low-noise expert run
@@ -363,7 +364,8 @@ def build_plan(
         dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=dit_config["num_attention_heads"],
                                      guidance_scale=run.guidance_scale, expert_steps=expert_steps)
     shape = latent_shape(vae_config, height=run.height, width=run.width, num_frames=run.num_frames)
-    num_tokens = shape.num_tokens(tuple(dit_config["patch_size"]))
+    patch = tuple(dit_config["patch_size"])
+    num_tokens = shape.num_tokens(patch)
     check_model_limits(run, vae_config, dit_config)
     check_loras(run, list(dit_configs.values()))
     check_sequence_length(dims, num_tokens)
@@ -425,7 +427,7 @@ def build_plan(
         config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device.type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
-        vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape,
+        vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape, patch=patch,
         num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
         negative_prompt=run.negative_prompt if is_guided(run.guidance_scale) else None, videos=tuple(videos),
         out_dir=out_dir, seed=seed, sampling=sampling, ranks=tuple(ranks),

@@ -25,7 +25,7 @@ from .cfg_parallel import GuidedNoise
 from .decode import decode_latents
 from .loading import (
     apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
-    load_transformer_sharded, load_transformer_to_host, load_vae, parameter_bytes, read_component_config,
+    load_transformer_sharded, load_transformer_to_host, load_vae, parameter_bytes,
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
@@ -315,8 +315,7 @@ class DitStage:
     def _conditioning(self, condition: torch.Tensor | None) -> TextOnly:
         plan, device = self.plan, self.session.device
         if plan.family == WAN22_TI2V:
-            patch = tuple(read_component_config(plan.folder, "transformer")["patch_size"][1:])
-            return TokenTimesteps.of(plan.latent, patch, condition, device)
+            return TokenTimesteps.of(plan.latent, plan.patch[1:], condition, device)
         return TextOnly() if condition is None else ChannelCondition(condition.to(device))
 
     def _release(self) -> None:
