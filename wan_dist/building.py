@@ -21,7 +21,7 @@ import torch
 
 from .config import ModelConfig
 from .loading import DTYPES_BY_NAME, SAFETENSORS_DTYPES, read_component_config
-from .presets import DIT_SUBFOLDERS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
+from .presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
 from .text_encoding import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def _random_models(spec: ModelSpec) -> dict[str, torch.nn.Module]:
     ).eval()
     models = dict(text_encoder=text_encoder, vae=vae, transformer=build_transformer(spec).eval())
     if spec.expert_layers:
-        models["transformer_2"] = build_transformer(spec, spec.expert_layers).eval()
+        models[EXPERTS[1].subfolder] = build_transformer(spec, spec.expert_layers).eval()
     if spec.has_image_encoder:
         models["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
             hidden_size=spec.clip_dim, intermediate_size=spec.clip_dim * 2, num_hidden_layers=2,

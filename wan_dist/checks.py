@@ -19,7 +19,7 @@ from .config import (
 from .errors import ConfigError, fail
 from .loading import PICKLE_SUFFIXES, read_component_config, read_lora_state_dict, read_safetensors_header
 from .parallel_dims import check_degrees
-from .presets import DIT_SUBFOLDERS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
+from .presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
 from .video import output_names
 
 # diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
@@ -56,7 +56,7 @@ def read_folder_facts(path: str | Path) -> FolderFacts:
                           f"({error})") from None
     if class_name not in PIPELINE_TASKS:
         fail("model.path", path, f"a Wan folder whose pipeline is one of {sorted(PIPELINE_TASKS)}, not {class_name!r}")
-    experts, boundary = _present(index.get("transformer_2")), index.get("boundary_ratio")
+    experts, boundary = _present(index.get(EXPERTS[1].subfolder)), index.get("boundary_ratio")
     ti2v = _present(index.get("expand_timesteps"))
     if experts != (boundary is not None) or (ti2v and experts):
         fail("model.path", path, "a Wan folder diffusers runs one way: Wan2.1 (one transformer), Wan2.2 two-expert "
@@ -167,7 +167,7 @@ def check_loras(run: RunConfig, dit_configs: list[dict]) -> None:
         expert_modules = [dict(WanTransformer3DModel.from_config(config).named_modules()) for config in dit_configs]
     for i, lora in enumerate(run.lora):
         for expert in lora_experts(lora.expert):
-            what = "this model" if len(dit_configs) == 1 else f"this model's {('high', 'low')[expert]}-noise expert"
+            what = "this model" if len(dit_configs) == 1 else f"this model's {EXPERTS[expert].noise}-noise expert"
             _check_lora_fits(i, lora.path, expert_modules[expert], what)
 
 

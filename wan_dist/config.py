@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from .errors import ConfigError  # noqa: F401  (re-exported: the error every check raises)
-from .presets import LAYOUTS, MODEL_PRESETS, PARALLEL_PRESETS, Sampling
+from .presets import EXPERTS, LAYOUTS, MODEL_PRESETS, PARALLEL_PRESETS, Sampling
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 # How the DiT's weights are stored between uses: `auto` in the compute dtype, or fp8 cast per layer.
@@ -29,7 +29,8 @@ SWITCHES = ("auto", "true", "false")
 VAE_SPLITS = ("rank0", "patch")
 TASKS = ("t2v", "i2v", "flf2v")
 # Which expert of a two-expert model a LoRA goes into (diffusers: `load_into_transformer_2`).
-LORA_EXPERTS = ("high", "low", "both")
+BOTH_EXPERTS = "both"
+LORA_EXPERTS = (*(expert.noise for expert in EXPERTS), BOTH_EXPERTS)
 
 
 # The Hydra config folder of launch/generate.py, serve.py and plan.py.
@@ -43,7 +44,9 @@ def is_guided(guidance_scale: float) -> bool:
 
 def lora_experts(expert: str | None) -> tuple[int, ...]:
     """The experts (0: high noise, the only one of a one-expert model; 1: low noise) a LoRA goes into."""
-    return {"low": (1,), "both": (0, 1)}.get(expert or "high", (0,))
+    if expert == BOTH_EXPERTS:
+        return tuple(range(len(EXPERTS)))
+    return (LORA_EXPERTS.index(expert or EXPERTS[0].noise),)
 ATTENTION_KERNELS = ("auto", "fa3", "fa2", "cudnn", "sdpa")
 
 

@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .config import ParallelConfig, is_guided
 from .errors import ConfigError, fail
-from .presets import PARALLEL_PRESETS
+from .presets import EXPERTS, PARALLEL_PRESETS
 
 MESH_AXES = ("cfg", "ring", "ulysses")
 
@@ -253,7 +253,7 @@ def resolve_parallel_dims(
             raise ValueError("the groups' sizes follow the steps each expert runs: pass expert_steps")
         high, low = (_fill_axes(p, dict(degrees), n, num_heads, guidance_scale,
                                 f"the {name}-noise expert's group of {n} (parallel.expert_ranks={list(sizes)})")
-                     for name, n in zip(("high", "low"), sizes))
+                     for name, n in zip((expert.noise for expert in EXPERTS), sizes))
         return ParallelDims(*high, stage_split=stage_split, world_size=world_size, low=low)
     cfg, ring, ulysses = _fill_axes(p, degrees, dit_world, num_heads, guidance_scale,
                                     f"{dit_world} DiT ranks", stage_split=stage_split, world_size=world_size)

@@ -33,7 +33,7 @@ from .memory import (
 )
 from .parallel_dims import ParallelDims, check_expert_split, check_sequence_length, resolve_parallel_dims
 from .pipeline import LatentShape, expert_step_counts, latent_shape
-from .presets import IMAGE_TASKS
+from .presets import EXPERTS, IMAGE_TASKS
 from .sampling import SAMPLING_KEYS, SamplingPlan, resolve_sampling
 from .text_encoding import cpu_encoder_dtype, cpu_flags
 from .video import output_names, write_json
@@ -42,10 +42,10 @@ from .video import output_names, write_json
 ENCODER_ROLE = "encoders+vae"
 DIT_ROLE = "dit"
 # Where each component's weights live in a diffusers-format folder.
-SUBFOLDERS = {"dit": "transformer", "dit_2": "transformer_2", "vae": "vae", "text_encoder": "text_encoder",
-              "image_encoder": "image_encoder"}
-# The DiT, or a two-expert model's high-noise and low-noise experts, in the order the steps use them.
-EXPERTS = ("dit", "dit_2")
+SUBFOLDERS = {**{expert.component: expert.subfolder for expert in EXPERTS}, "vae": "vae",
+              "text_encoder": "text_encoder", "image_encoder": "image_encoder"}
+# The DiT components: the one DiT, or a two-expert model's high-noise and low-noise experts.
+EXPERT_COMPONENTS = tuple(expert.component for expert in EXPERTS)
 # The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
 # cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
 ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
@@ -156,7 +156,7 @@ class JobPlan:
     @property
     def experts(self) -> tuple[str, ...]:
         """The DiT components: "dit", and "dit_2" for a two-expert model."""
-        return tuple(name for name in EXPERTS if name in self.components)
+        return tuple(name for name in EXPERT_COMPONENTS if name in self.components)
 
     @property
     def image_task(self) -> bool:
@@ -294,7 +294,7 @@ def expert_groups_json(dims: ParallelDims) -> dict[str, Any]:
     if not dims.expert_split:
         return {}
     return {"expert_groups": [{"expert": name, "ranks": g.ranks, "cfg": g.cfg, "ring": g.ring, "ulysses": g.ulysses}
-                              for name, g in zip(EXPERTS, dims.groups)]}
+                              for name, g in zip(EXPERT_COMPONENTS, dims.groups)]}
 
 
 def _identity(value: Any) -> Any:
@@ -355,7 +355,7 @@ def build_plan(
                                 drawn=run.seed < 0)
     for key in SAMPLING_KEYS:
         setattr(run, key, getattr(sampling, key))
-    experts = EXPERTS[:facts.experts]
+    experts = EXPERT_COMPONENTS[:facts.experts]
     vae_config = read_component_config(folder, "vae")
     dit_configs = {name: read_component_config(folder, SUBFOLDERS[name]) for name in experts}
     dit_config = dit_configs["dit"]
@@ -442,7 +442,7 @@ def _expert_steps(run: RunConfig, folder: Path, boundary_ratio: float) -> tuple[
     scheduler.set_timesteps(run.steps)
     steps = expert_step_counts(scheduler.timesteps, boundary_ratio * scheduler.config.num_train_timesteps)
     if run.parallel.expert_split and 0 in steps:
-        idle = "low" if steps[1] == 0 else "high"
+        idle = EXPERTS[1 if steps[1] == 0 else 0].noise
         fail("parallel.expert_split", True, f"false here: with steps={run.steps} and flow_shift={run.flow_shift} "
              f"the {idle}-noise expert runs no step (boundary_ratio {boundary_ratio}), so its group would idle")
     return steps

@@ -23,8 +23,22 @@ WAN_NEGATIVE_PROMPT = (
 WAN21 = "wan2.1"
 WAN22_EXPERTS = "wan2.2_moe"
 WAN22_TI2V = "wan2.2_ti2v"
-# Where a folder keeps its DiTs: the one DiT, or the high-noise expert, then the low-noise expert.
-DIT_SUBFOLDERS = ("transformer", "transformer_2")
+
+
+@dataclass(frozen=True)
+class Expert:
+    """A model's DiT, or one of a two-expert model's, in the order the steps use them: the noise it
+    denoises (its name in `lora[].expert`, in messages and in the expert groups), its component name (the
+    plan, run.json) and the folder it is kept in."""
+
+    noise: str
+    component: str
+    subfolder: str
+
+
+# The one DiT is the first; a two-expert model's high-noise expert, then its low-noise one.
+EXPERTS = (Expert("high", "dit", "transformer"), Expert("low", "dit_2", "transformer_2"))
+DIT_SUBFOLDERS = tuple(expert.subfolder for expert in EXPERTS)
 # The tasks that take `image=` (and FLF2V also `last_image=`).
 IMAGE_TASKS = ("i2v", "flf2v")
 

@@ -30,7 +30,7 @@ from .loading import (
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
 from .pipeline import ChannelCondition, DenoiseResult, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
-from .plan import EXPERTS, ComponentPlan, JobPlan
+from .plan import EXPERT_COMPONENTS, ComponentPlan, JobPlan
 from .presets import WAN22_TI2V
 from .session import Session
 from .stage_split import DitInputs, Handoff
@@ -295,7 +295,7 @@ class DitStage:
         predictors = {name: GuidedNoise(
             transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
-            guidance_scale=scales[EXPERTS.index(name)], guided=plan.guided, cfg_group=self.cfg_group,
+            guidance_scale=scales[EXPERT_COMPONENTS.index(name)], guided=plan.guided, cfg_group=self.cfg_group,
         ) for name, transformer in zip(self.experts, self.transformers)}
         boundary = None if plan.boundary_ratio is None \
             else plan.boundary_ratio * self.scheduler.config.num_train_timesteps
@@ -305,7 +305,7 @@ class DitStage:
         with self.metrics.timed("denoise_s", device):
             result = denoise(
                 latents=start, scheduler=self.scheduler, steps=sampling.steps,
-                experts=Experts(*(predictors.get(name) for name in EXPERTS), boundary_timestep=boundary),
+                experts=Experts(*(predictors.get(name) for name in EXPERT_COMPONENTS), boundary_timestep=boundary),
                 model_dtype=dtype, conditioning=self._conditioning(inputs.condition),
                 show_progress=self.session.rank == self.group.leader, description=description, stop=stop,
             )
