@@ -26,7 +26,7 @@ run: $(STAMP)
 	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow" --durations=25 $(ARGS)
 
 # The real-size CPU tests (the 1.3B architecture sharded over two ranks: about 6 minutes).
 test-slow: $(STAMP)
