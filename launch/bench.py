@@ -16,7 +16,7 @@ and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) ag
 the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
 rank) on CPU. A prompt queue compares a stage split with the same queue in one process; for a two-expert
 model (`--model bench_moe` on CPU, `t2v_a14b` on GPUs), the expert pipeline (`parallel.expert_split`) with
-the same queue on the same ranks without it (EXPERT_QUEUE_PAIRS), in videos per second. On CPU, the
+the same queue on the same ranks without it (expert_queue_pair), in videos per second. On CPU, the
 machine's parallel ceiling is measured right before each multi-rank run (about 10 s each): a virtual
 machine's host gives the second core a share that changes from minute to minute.
 
@@ -49,9 +49,23 @@ from wan_dist.sweep import collect_jobs  # noqa: E402
 # Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
 # with random weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
 MODEL_DEFAULTS = {name: list(p.bench_overrides) for name, p in MODEL_PRESETS.items() if p.bench_overrides}
-# Per world size: the layout a two-expert model's queue runs in without the expert split (what
-# parallel=auto picks with guidance), and the expert split on the same ranks.
-EXPERT_QUEUE_PAIRS = {2: ("cfg", "expert_split"), 4: ("cfg_ulysses", "expert_split_cfg")}
+
+
+def expert_queue_pair(world: int, num_heads: int, guidance_scale: float) -> tuple[str, str] | None:
+    """The layouts a two-expert model's queue is compared in on `world` ranks: what parallel=auto picks
+    there (parallel_dims' own rule) and the expert split on the same ranks, as named LAYOUTS; None where
+    LAYOUTS names no such pair."""
+    from wan_dist.config import ParallelConfig
+    from wan_dist.parallel_dims import resolve_parallel_dims
+
+    dims = resolve_parallel_dims(ParallelConfig(), world_size=world, num_heads=num_heads, guidance_scale=guidance_scale)
+    plain = next((layout.name for layout in LAYOUTS.values()
+                  if (layout.cfg, layout.ulysses, layout.ring) == (dims.cfg, dims.ulysses, dims.ring)
+                  and not (layout.expert_split or layout.stage_split or layout.compile or layout.memory)), None)
+    split = next((layout.name for layout in LAYOUTS.values() if layout.expert_split and layout.world_size == world),
+                 None)
+    return (plain, split) if plain and split else None
+
 QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "a city street in the rain",
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
@@ -429,7 +443,9 @@ def main() -> None:
     queue = bool(args.queue) and 2 in args.nproc and (args.layouts is None or "queue" in args.layouts)
     # The VAE decode alone, one rank against two (the Wan2.1 VAE architecture, random weights).
     vae_decode = 2 in args.nproc and (args.layouts is None or "vae_decode" in args.layouts)
-    expert_worlds = [n for n in args.nproc if n in EXPERT_QUEUE_PAIRS] \
+    pairs = {n: pair for n in args.nproc
+             if (pair := expert_queue_pair(n, spec["dit_config"]["num_attention_heads"], spec["guidance_scale"]))}
+    expert_worlds = list(pairs) \
         if args.queue and spec["experts"] and (args.layouts is None or "expert_queue" in args.layouts) else []
     if queue or expert_worlds:
         out.mkdir(parents=True, exist_ok=True)
@@ -448,7 +464,7 @@ def main() -> None:
             queued = run_layouts(["single", "stage_split"], overrides + [f"prompts_file={prompts}"], where / "queue")
             results.update({f"queue_{name}": {**r, "name": f"queue_{name}"} for name, r in queued.items()})
         for world in expert_worlds:
-            queued = run_layouts(list(EXPERT_QUEUE_PAIRS[world]), overrides + [f"prompts_file={prompts}"],
+            queued = run_layouts(list(pairs[world]), overrides + [f"prompts_file={prompts}"],
                                  where / f"expert_queue{world}")
             results.update({f"expert_queue_{name}": {**r, "name": f"expert_queue_{name}"} for name, r in queued.items()})
         for name, result in results.items():
