@@ -12,9 +12,8 @@ import signal
 import socket
 import threading
 import time
-import _thread
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,9 @@ HEARTBEAT_S = 0.5
 # ended for it (well inside the 45 s a run may take past parallel.timeout_s to end).
 GRACE_S = 30.0
 POLL_S = 0.05  # how often a wait for another rank's post looks at the store
+# How the watch stops the main thread: a signal of the library's own while a session runs, so that the
+# user's Ctrl-C (SIGINT) and the launcher's SIGTERM keep their meaning.
+INTERRUPT_SIGNAL = signal.SIGUSR1
 
 
 class PeerLostError(RuntimeError):
@@ -188,12 +190,13 @@ class Heartbeat:
     the process. So a lost peer ends every rank within timeout_s + GRACE_S and a few heartbeats."""
 
     def __init__(self, store: dist.Store, rank: int, world_size: int, *, timeout_s: float | None = None,
-                 on_hang: Callable[[str], None] | None = None) -> None:
+                 on_hang: Callable[[str], None] | None = None, grace_s: float = GRACE_S) -> None:
         self._store, self.rank, self.world_size = store, rank, world_size
-        self._timeout_s, self._on_hang = timeout_s, on_hang
+        self._timeout_s, self._on_hang, self._grace_s = timeout_s, on_hang, grace_s
         self._peers = [r for r in range(world_size) if r != rank]
         self._stop = threading.Event()
         self._failing = threading.Event()  # the main thread is diagnosing a failure of its own
+        self._main_thread: int | None = None  # where `interrupting` installed the handler
         self.lost_message: str | None = None  # set by the watch once it gives up on a peer
         self._posted: dict[str, int] = {}
         self._thread = threading.Thread(target=self._beat, name="wan_dist-heartbeat", daemon=True)
@@ -236,10 +239,32 @@ class Heartbeat:
             pass
         if self._stop.is_set():
             return
-        if not self._failing.is_set():  # else the main thread is on its way out already
-            _thread.interrupt_main()
-        if not self._stop.wait(GRACE_S) and self._on_hang is not None:
+        if not self._failing.is_set() and self._main_thread is not None:  # else it is on its way out already
+            signal.pthread_kill(self._main_thread, INTERRUPT_SIGNAL)
+        if not self._stop.wait(self._grace_s) and self._on_hang is not None:
             self._on_hang(message)
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """While inside (on the main thread), a peer given up on raises PeerLostError in the main thread:
+        at its next bytecode, so also out of a sleep or a lock's wait, not out of a native wait (which
+        ends by its own timeout, or the process by `on_hang`). Raised wherever it lands, the error
+        carries the one line itself."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(INTERRUPT_SIGNAL, self._raise_lost)
+        self._main_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._main_thread = None
+            signal.signal(INTERRUPT_SIGNAL, previous)
+
+    def _raise_lost(self, _signum: int, _frame: Any) -> None:
+        if self.lost_message is not None and not self._failing.is_set():
+            self._failing.set()
+            raise PeerLostError(self.lost_message)
 
     def silent_peers(self) -> list[int] | None:
         """The other ranks that neither beat for 4 heartbeats nor said they are failing too (a rank that
@@ -282,6 +307,9 @@ class Heartbeat:
         count = self._posted[name] = self._posted.get(name, 0) + 1
         key = f"posted/{name}/{count}"
         while not self._store.check([key]):
+            if self.lost_message is not None:
+                self._failing.set()
+                raise PeerLostError(self.lost_message)
             if self._store.check([f"failed/{src}"]):
                 raise PeerLostError(f"rank {src} failed (its own error says why) while this rank waited for it")
             time.sleep(POLL_S)
@@ -333,7 +361,7 @@ def _signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT, INTERRUPT_SIGNAL)}
     try:
         yield
     finally:
@@ -420,7 +448,14 @@ def distributed_session(
         if store is not None else None
     try:
         log.debug("rank %d of %d on %s (%s)", env.rank, env.world_size, device, socket.gethostname())
-        yield Session(env=env, device=device, timeout_s=timeout_s, peers=heartbeat)
+        with heartbeat.interrupting() if heartbeat is not None else nullcontext():
+            yield Session(env=env, device=device, timeout_s=timeout_s, peers=heartbeat)
+    except GeneratorExit:
+        # The watch's PeerLostError landed in the caller's `with` machinery before it came back here: the
+        # error is on its way out already; only the teardown is left.
+        if dist.is_initialized():
+            _abandon_process_group()
+        raise
     except BaseException as error:
         # Deferred also: the watch's interrupt, where it gave up on a peer while this rank was failing of
         # its own accord (it comes at the main thread's next bytecode, wherever that is).
