@@ -166,12 +166,13 @@ def check_gpus_per_node(device_count: int, ranks_on_node: int) -> None:
 
 
 def pick_device(local_rank: int, local_world_size: int = 1) -> torch.device:
-    """This rank's GPU (the current CUDA device from here on), or the CPU where there is none."""
+    """This rank's GPU (the current CUDA device from here on), or the CPU where there is none.
+    `local_world_size`: the ranks on this node where the launcher says (torchrun), all seeing every GPU."""
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
-        # Slurm does not say how many tasks share the node; a local rank beyond the GPUs shows it as well.
-        check_gpus_per_node(count, max(local_world_size, local_rank + 1))
-        device = torch.device("cuda", local_rank)
+        check_gpus_per_node(count, local_world_size)
+        # Slurm may bind each task to GPUs of its own (--gpus-per-task): its local rank 3 then sees cuda:0.
+        device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -361,7 +362,8 @@ def _signals_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT, INTERRUPT_SIGNAL)}
+    deferred = (signal.SIGTERM, signal.SIGINT, INTERRUPT_SIGNAL)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in deferred}
     try:
         yield
     finally:
