@@ -44,12 +44,18 @@ sweep: $(STAMP)
 	$(PY) launch/generate.py -m +experiment=layouts $(ARGS)
 
 # What a GPU machine with torch but none of our other dependencies needs (Python 3.12, manylinux x86_64),
-# one version each, into .whl/ (ignored by git; under 64 MiB in all). imageio-ffmpeg 0.5.1: its bundled
-# ffmpeg makes a 27 MB wheel, 0.8.1's a 68 MB one. antlr4-python3-runtime 4.9.3 is published as a source
-# archive only: built here into a pure-Python wheel.
-GPU_WHEELS := diffusers==0.42.1 xfuser==0.7.0 yunchang==0.6.4 hydra-core==1.3.8 omegaconf==2.3.1 \
+# one version each, into .whl/ (ignored by git; emptied first, so that no stale second version stops the
+# install; under 64 MiB in all, what one device call carries). The GPU machine's image already holds
+# torch, transformers, accelerate, peft, einops, sentencepiece, safetensors, pyyaml, pillow, numpy,
+# huggingface-hub, regex, requests, filelock, zipp, packaging, psutil, pytest and pytest-timeout.
+# xfuser's other requirements, av and beautifulsoup4, are left out: nothing xfuser runs for us imports
+# them. distvae is carried: xfuser's VAE manager imports it. imageio-ffmpeg 0.5.1: its bundled ffmpeg
+# makes a 27 MB wheel, 0.8.1's a 68 MB one. antlr4-python3-runtime 4.9.3 is published as a source archive
+# only: built here into a pure-Python wheel.
+GPU_WHEELS := diffusers==0.42.1 xfuser==0.7.0 yunchang==0.6.4 distvae==0.1.0 hydra-core==1.3.8 omegaconf==2.3.1 \
 	imageio==2.38.1 imageio-ffmpeg==0.5.1 ftfy==6.3.1 wcwidth==0.2.13 importlib-metadata==8.7.0
 gpu-wheels: $(STAMP)
+	rm -rf .whl
 	mkdir -p .whl
 	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -57,11 +63,14 @@ gpu-wheels: $(STAMP)
 	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
 	du -sh .whl
 
-# On the GPU machine (its own python3 with CUDA torch), the wheels carried along in .whl/; the summary
-# goes to $OUT (or gpu_check_out/).
+# On the GPU machine (its own python3 with CUDA torch), the wheels carried along in .whl/, in two planned
+# calls (CALL=1: does the CUDA path work at all; CALL=2: two ranks on the one GPU, tests/gpu, compile,
+# memory); the summary goes to $(OUT) (or gpu_check_out/). The machine may have no make: the same command
+# is `python3 launch/gpu_check.py --call 1 --wheels .whl --out $$OUT`.
 GPU_PYTHON ?= python3
+CALL ?= 1
 gpu-check:
-	$(GPU_PYTHON) launch/gpu_check.py --wheels .whl $(if $(OUT),--out $(OUT))
+	$(GPU_PYTHON) launch/gpu_check.py --call $(CALL) --wheels .whl $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf outputs multirun bench_results .pytest_cache gpu_check_out

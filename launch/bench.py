@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "launch")]  # wan_dist, and vae_bench beside this file
 
+from wan_dist.config import compose_run, is_guided  # noqa: E402
 from wan_dist.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.sweep import pyplot  # noqa: E402
 
@@ -113,7 +114,7 @@ def run_diffusers(spec: dict) -> dict:
     vae = AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32).to(device)
     pipe = WanPipeline.from_pretrained(folder, transformer=transformer, vae=vae, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    guided = spec["guidance_scale"] > 1.0
+    guided = is_guided(spec["guidance_scale"])
     with torch.no_grad():
         embeds, negative = pipe.encode_prompt(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"],
                                               do_classifier_free_guidance=guided, device=torch.device("cpu"))
@@ -345,15 +346,7 @@ def write_plot(report: dict, path: Path) -> None:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from wan_dist.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("generate", overrides=[o for o in overrides if not o.startswith(("hydra.", "compile="))])
-    return OmegaConf.to_object(cfg)
+    return compose_run([o for o in overrides if not o.startswith(("hydra.", "compile="))])
 
 
 def resolve_run(overrides: list[str]) -> dict:
@@ -484,7 +477,7 @@ def main() -> None:
         device_name = f"CPU ({platform.processor() or platform.machine()}), {os.environ['OMP_NUM_THREADS']} thread(s) per rank"
         measured = _peak_subprocess("cpu")
         peak = {"measured_matmul_tflops": measured, "used_tflops": measured, "source": "measured fp32 matmul"}
-    guided = spec["guidance_scale"] > 1.0
+    guided = is_guided(spec["guidance_scale"])
     flops = step_flops(spec["dit_config"], spec["tokens"], guided=guided)
     add_derived(results, flops, peak["used_tflops"])
     single = next((r for r in results if r["ok"] and r["name"] == "single"), None)

@@ -77,7 +77,6 @@ def _end_hung_rank(rank: int):
 def main(cfg: DictConfig) -> None:
     env = rank_env()
     _quiet_other_ranks(env.rank)
-    keep_freed_host_memory()  # process-wide, so decided here, by the program, not by the library
     signal.signal(signal.SIGTERM, raise_terminated)
     try:
         check_schema_keys(cfg)
@@ -101,12 +100,17 @@ def main(cfg: DictConfig) -> None:
                 out_dir=session.agree(run.output.dir or hydra_cfg.runtime.output_dir),
                 # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
                 seed=session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31)),
-                agree=session.agree,
+                agree=session.agree, least=session.least,
                 # What the user named is kept; the planner fills the rest to fit the GPU.
                 given=list(hydra_cfg.overrides.task),
             )
             if session.rank == 0:
                 log.info("%d rank(s): %s; outputs in %s", session.world_size, plan.dims.describe(), plan.out_dir)
+            # Process-wide, so decided here, by the program, and before any weight is read. Sharded, the
+            # blocks FSDP gathers and frees every step are the memory sharding is for: they go back to
+            # the kernel as glibc returns them by default (README, Memory).
+            if not plan.fsdp:
+                keep_freed_host_memory()
             if run.dry_run:
                 if session.rank == 0:
                     print(plan.table(), flush=True)

@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from wan_dist.building import ensure_shapes_folder  # noqa: E402
+from wan_dist.config import compose_run  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
 from wan_dist.loading import read_component_config  # noqa: E402
-from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, predict_transfer  # noqa: E402
+from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
 from wan_dist.plan import DeviceFacts, JobPlan, build_plan  # noqa: E402
 from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
 from wan_dist.presets import MODEL_PRESETS  # noqa: E402
@@ -58,14 +59,7 @@ def _split_args(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from wan_dist.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        run = OmegaConf.to_object(compose("generate", overrides=overrides))
+    run = compose_run(overrides)
     preset = MODEL_PRESETS[run.model.preset]
     if not run.model.path and not preset.built:
         run.model.path = str(ensure_shapes_folder(run.model.preset))
@@ -73,7 +67,7 @@ def _compose(overrides: list[str]):
     return run
 
 
-def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choice:
+def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int, overrides: list[str]) -> Choice:
     """The first of the planner's steps that fits (or the last one tried, which does not), and its plan."""
     import torch
 
@@ -82,10 +76,8 @@ def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int) -> Choic
     with tempfile.TemporaryDirectory() as out_dir:
 
         def build(candidate, size: int) -> JobPlan:
-            plan = build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
-                              seed=0, facts_of_device=facts, choose=False)
-            plan.memory  # computed while the plan's folder is there
-            return plan
+            return build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
+                              seed=0, facts_of_device=facts, given=overrides, choose=False)
 
         return choose(run, given=given, world_size=world_size, memory_bytes=memory, build=build)
 
@@ -97,9 +89,7 @@ def transfers(plan: JobPlan) -> list[dict]:
     option = "fsdp" if plan.fsdp else "offload" if dit.offload else None
     if option is None:
         return []
-    dims, gpus = plan.dims, len(plan.dims.dit_ranks)
-    sequence = "ulysses" if dims.ring * dims.ulysses > 1 else ""
-    mode = "_".join(filter(None, ("cfg" if dims.cfg > 1 else "", sequence))) or "single"
+    gpus, mode = len(plan.dims.dit_ranks), mode_of(plan.dims)
     config = read_component_config(plan.folder, "transformer")
     single = estimated_step_s(config, plan.num_tokens, guided=plan.guided)
     stored = dit.storage_dtype or dit.dtype
@@ -147,7 +137,7 @@ def main(argv: list[str]) -> int:
         for world_size in settings["world_sizes"]:
             for gpu_gib in settings["gpu_memory_gib"]:
                 try:
-                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib)
+                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib, overrides)
                 except ConfigError as error:  # this world size does not suit the layout given
                     choice = str(error)
                 rows.append(row(choice, world_size, gpu_gib))

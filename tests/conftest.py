@@ -17,10 +17,11 @@ from wan_dist.building import build_tiny_model  # noqa: E402
 from wan_dist.presets import WAN22_EXPERTS, WAN22_TI2V, ModelSpec  # noqa: E402
 
 # One tiny folder per model family and task beyond Wan2.1's T2V and I2V, awkward on purpose: experts of
-# different depths, the 48-channel VAE, two images' CLIP tokens.
+# different depths, the 48-channel VAE, two images' CLIP tokens; a scheduler whose shift is not the
+# default preset's, so runs given only the folder must take the folder's, as diffusers' pipeline does.
 FAMILY_SPECS = {
     "moe_t2v": ModelSpec(task="t2v", family=WAN22_EXPERTS, expert_layers=1, boundary_ratio=0.875),
-    "moe_i2v": ModelSpec(task="i2v", family=WAN22_EXPERTS, expert_layers=3, boundary_ratio=0.9),
+    "moe_i2v": ModelSpec(task="i2v", family=WAN22_EXPERTS, expert_layers=3, boundary_ratio=0.9, flow_shift=12.0),
     "ti2v": ModelSpec(task="t2v", family=WAN22_TI2V),
     "flf2v": ModelSpec(task="flf2v"),
 }

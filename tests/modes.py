@@ -39,7 +39,7 @@ class Case:
     steps: int = 3
     guidance_scale: float = 5.0
     guidance_scale_2: float | None = None
-    flow_shift: float = 3.0
+    flow_shift: float | None = None  # None: left to the folder's scheduler config, as diffusers leaves it
     scheduler: str = "unipc"
     lora: tuple[tuple, ...] = field(default_factory=tuple)  # (path, scale) or (path, scale, expert)
     dit_dtype: str = "auto"
@@ -54,14 +54,15 @@ class Case:
     vae_encode: str = "rank0"
 
     def run_config(self, out_dir: Path) -> RunConfig:
-        run = RunConfig()
-        run.model.preset = "tiny_i2v" if self.image else "tiny"
+        run = RunConfig()  # the default preset: the folder alone says what it is and how it samples
         run.model.path = self.folder
         run.prompt, run.negative_prompt, run.image = self.prompt, self.negative_prompt, self.image
         run.last_image, run.guidance_scale_2 = self.last_image, self.guidance_scale_2
         run.prompts_file = self.prompts_file
         run.height, run.width, run.num_frames, run.steps = self.height, self.width, self.num_frames, self.steps
-        run.guidance_scale, run.scheduler, run.flow_shift = self.guidance_scale, self.scheduler, self.flow_shift
+        run.guidance_scale, run.scheduler = self.guidance_scale, self.scheduler
+        if self.flow_shift is not None:
+            run.flow_shift = self.flow_shift
         run.lora = [LoraConfig(path=path, scale=scale, expert=expert[0] if expert else None)
                     for path, scale, *expert in self.lora]
         run.model.dit_dtype = self.dit_dtype
@@ -105,6 +106,6 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,
     for case in cases:
         out_dir = Path(out_root) / case.name
         plan = build_plan(case.run_config(out_dir), world_size=world_size, rank=rank, device=device,
-                          out_dir=out_dir, seed=0, agree=session.agree)
+                          out_dir=out_dir, seed=0, agree=session.agree, least=session.least)
         reports.append(generate(plan, session))
     return reports

@@ -15,7 +15,7 @@ TOLERANCE = 1e-4
 def reference_frames(
     folder: str, *, prompt: str, negative_prompt: str = "", image: str | None = None,
     last_image: str | None = None, height: int = 48, width: int = 80, num_frames: int = 9, steps: int = 3,
-    guidance_scale: float = 5.0, guidance_scale_2: float | None = None, flow_shift: float = 3.0,
+    guidance_scale: float = 5.0, guidance_scale_2: float | None = None, flow_shift: float | None = None,
     seed: int = 0, scheduler: str = "unipc", lora: tuple[tuple, ...] = (), vae_tiling: bool = False,
     dit_storage_dtype: str = "auto",
 ) -> np.ndarray:
@@ -25,6 +25,8 @@ def reference_frames(
     cls = WanImageToVideoPipeline if image else WanPipeline
     # A TI2V folder is saved as a WanPipeline; diffusers runs its image-to-video with the I2V class.
     pipe = cls.from_pretrained(folder, dtype=torch.float32)
+    if flow_shift is None:  # the folder's own, as diffusers' pipeline samples it
+        flow_shift = pipe.scheduler.config.flow_shift
     if scheduler == "euler":
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=flow_shift)
     elif scheduler in ("euler_distill", "lcm_distill"):

@@ -4,7 +4,8 @@ glibc's malloc hands large freed blocks back (munmap, or trimming the heap top) 
 again on the next use; every denoising step and every VAE frame frees and reallocates the same sizes. On
 a CPU run of the bench model, fixed thresholds take the page faults from 1.5 to 1.1 million and the
 kernel time by a fifth, most of it in the VAE decode. The peak is unchanged; what is freed stays with the
-process for reuse.
+process for reuse. Not for a run whose DiT is sharded: there the blocks FSDP gathers and frees every step
+would stay with the process too, and take back most of what sharding saves (README, Memory).
 """
 
 from __future__ import annotations

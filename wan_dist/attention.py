@@ -38,14 +38,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "DIFFUSERS_BACKENDS", "KERNELS", "SequenceParallelAttention", "available_kernels", "choose_kernel",
+    "DIFFUSERS_BACKENDS", "SequenceParallelAttention", "available_kernels", "choose_kernel",
     "device_capability", "installed_kernel_libraries", "resolve_kernel", "usable_kernels",
 ]
 
 # The kernels by name, fastest first where more than one is installed, and diffusers' name for each
 # (used for everything that does not go through USP: cross-attention, and self-attention on one rank).
 DIFFUSERS_BACKENDS = {"fa3": "_flash_3", "fa2": "flash", "cudnn": "_native_cudnn", "sdpa": "native"}
-KERNELS = tuple(DIFFUSERS_BACKENDS)
 
 # Score added to every (query, padding key) pair. exp(-30000 - max) is exactly 0 in fp32, and so far
 # below any real score that a block holding only padding keys gets zero weight in the ring merge too.

@@ -26,7 +26,8 @@ from .text_encoding import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
-TINY_FORMAT_VERSION = 1
+# Bumped when what a built or shapes-only folder holds changes (2: shapes-only folders hold the scheduler).
+TINY_FORMAT_VERSION = 2
 
 
 def _tiny_tokenizer(folder: Path) -> None:
@@ -115,8 +116,25 @@ def build_transformer(spec: ModelSpec, layers: int | None = None):
     )
 
 
-def _random_components(spec: ModelSpec) -> dict[str, Any]:
+def wan_scheduler(flow_shift: float):
+    """Wan's sampler as its diffusers-format folders configure it: UniPC on flow-matching sigmas."""
     from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+                                   flow_shift=flow_shift)
+
+
+def preset_expert_steps(name: str) -> tuple[int, int]:
+    """The steps each expert of a two-expert preset runs at its own defaults (steps, shift, boundary)."""
+    from .pipeline import expert_step_counts
+
+    preset = MODEL_PRESETS[name]
+    scheduler = wan_scheduler(preset.sampling.flow_shift)
+    scheduler.set_timesteps(preset.sampling.steps)
+    return expert_step_counts(scheduler.timesteps, preset.spec.boundary_ratio * scheduler.config.num_train_timesteps)
+
+
+def _random_components(spec: ModelSpec) -> dict[str, Any]:
     from transformers import CLIPImageProcessor
 
     components = _random_models(spec)
@@ -128,9 +146,7 @@ def _random_components(spec: ModelSpec) -> dict[str, Any]:
             for block in components[expert].blocks if expert in components else ():
                 block.attn1.to_out[0].weight.mul_(self_gain)
                 block.attn2.to_out[0].weight.mul_(cross_gain)
-    components["scheduler"] = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=3.0,
-    )
+    components["scheduler"] = wan_scheduler(spec.flow_shift)
     if spec.has_image_encoder:
         components["image_processor"] = CLIPImageProcessor(
             crop_size={"height": spec.clip_image_size, "width": spec.clip_image_size},
@@ -276,6 +292,10 @@ def ensure_shapes_folder(preset: str) -> Path:
         for name, model in models.items():
             _write_shapes_only(model, tmp / name)
             index[name] = [type(model).__module__.split(".")[0], type(model).__name__]
+        # A two-expert model's plan counts each expert's steps from the folder's scheduler.
+        scheduler = wan_scheduler(spec.flow_shift)
+        scheduler.save_config(tmp / "scheduler")
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
         (tmp / "model_index.json").write_text(json.dumps(index))
 
     return _build_once(cache_root() / "models" / f"{preset}-shapes-v{TINY_FORMAT_VERSION}", write)

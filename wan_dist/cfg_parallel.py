@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .config import is_guided
+
 
 class GuidedNoise:
     """The guided noise for one step, combined exactly as diffusers combines it:
@@ -28,7 +30,7 @@ class GuidedNoise:
         """`guided`: whether to run the unconditional branch at all (default: guidance_scale > 1); a
         two-expert model's low-noise expert follows the high-noise one's choice."""
         self.transformer = transformer
-        self.guided = guidance_scale > 1.0 if guided is None else guided
+        self.guided = is_guided(guidance_scale) if guided is None else guided
         if self.guided and negative_prompt_embeds is None:
             raise ValueError("guidance needs the negative prompt's embeddings")
         self.guidance_scale = guidance_scale

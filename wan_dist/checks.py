@@ -255,7 +255,7 @@ def validate_run(run: RunConfig) -> RunFacts:
     # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
     # refused before the process group starts.
     check_degrees(p, guidance_scale=run.guidance_scale)
-    if str(p.fsdp).lower() not in SWITCHES:
+    if p.fsdp_setting not in SWITCHES:
         fail("parallel.fsdp", p.fsdp, f"one of {', '.join(SWITCHES)}")
     for key in ("vae_decode", "vae_encode"):
         if getattr(p, key) not in VAE_SPLITS:
@@ -267,7 +267,7 @@ def validate_run(run: RunConfig) -> RunFacts:
         if folder.family != WAN22_EXPERTS:
             fail("parallel.expert_split", True, "false: only a two-expert model (Wan2.2 A14B) has experts to split the "
                  f"DiT ranks between; this one is {folder.family}")
-        if str(p.fsdp).lower() == "true":
+        if p.fsdp_setting == "true":
             fail("parallel.fsdp", p.fsdp, "false or auto with parallel.expert_split=true: each group holds its own "
                  "expert whole, with no sharding traffic")
         if p.vae_decode == "patch":

@@ -9,6 +9,7 @@ Hydra itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -29,6 +30,15 @@ VAE_SPLITS = ("rank0", "patch")
 TASKS = ("t2v", "i2v", "flf2v")
 # Which expert of a two-expert model a LoRA goes into (diffusers: `load_into_transformer_2`).
 LORA_EXPERTS = ("high", "low", "both")
+
+
+# The Hydra config folder of launch/generate.py, serve.py and plan.py.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def is_guided(guidance_scale: float) -> bool:
+    """Whether the unconditional branch runs at all (diffusers' do_classifier_free_guidance)."""
+    return guidance_scale > 1.0
 
 
 def lora_experts(expert: str | None) -> tuple[int, ...]:
@@ -86,6 +96,11 @@ class ParallelConfig:
     # CPU runs under torchrun: each rank on an equal share of the node's cores when ranks x threads fit.
     pin_cpus: bool = True
 
+    @property
+    def fsdp_setting(self) -> str:
+        """`fsdp` spelt as one of SWITCHES (YAML's true arrives as a bool)."""
+        return str(self.fsdp).lower()
+
 
 @dataclass
 class OutputConfig:
@@ -119,7 +134,8 @@ class RunConfig(Sampling):
     embedding_cache: str | None = None
     # Attention kernel: auto (the fastest available: fa3, fa2, cudnn, sdpa) or one of them by name.
     attention: str = "auto"
-    # torch.compile each DiT block (the first steps are slower while it compiles).
+    # torch.compile each DiT block (the first steps are slower while it compiles); with fp8 storage and
+    # FSDP too, not with model.dit_offload=block.
     compile: bool = False
     # Each block's cross-attention keys and values computed once per prompt, not once per step (exact;
     # wan_dist/context_cache.py). Not with compile=true, whose blocks are traced without the cache.
@@ -140,3 +156,13 @@ def register_configs() -> None:
         store.store(group="parallel", name=name, node=ParallelConfig(preset=name))
     for layout in LAYOUTS.values():
         store.store(group="layout", name=layout.name, node=layout.hydra_node(), package="_global_")
+
+
+def compose_run(overrides: list[str] = ()) -> RunConfig:
+    """The run config `launch/generate.py` composes from these overrides, outside a Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_object(compose("generate", overrides=list(overrides)))

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .text_encoding import TEXT_MAX_TOKENS
-
-IMAGE_TOKENS = 257  # CLIP ViT-H/14 at 224 px: the I2V image context
+from .text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .config import ParallelConfig
+from .config import ParallelConfig, is_guided
 from .errors import ConfigError, fail
 from .presets import PARALLEL_PRESETS
 
@@ -212,7 +212,7 @@ def check_degrees(p: ParallelConfig, *, guidance_scale: float) -> None:
         fail("parallel", p.preset, f"one of {', '.join(PARALLEL_PRESETS)}")
     _check_degree_values({"cfg": p.cfg_degree, "ulysses": p.ulysses_degree, "ring": p.ring_degree})
     degrees, _ = _pinned(p)
-    if degrees["cfg"] == 2 and guidance_scale <= 1:
+    if degrees["cfg"] == 2 and not is_guided(guidance_scale):
         key = "parallel.cfg_degree" if p.cfg_degree is not None else "parallel"
         value = degrees["cfg"] if p.cfg_degree is not None else p.preset
         raise ConfigError(f"{key}={value!r} is not allowed with guidance_scale={guidance_scale}: without "
@@ -266,7 +266,7 @@ def _fill_axes(p: ParallelConfig, degrees: dict[str, int | None], n: int, num_he
     are the whole world's, and a mismatch is told in its terms."""
     if degrees["cfg"] is None:
         fixed = (degrees["ulysses"] or 1) * (degrees["ring"] or 1)
-        wants_cfg = guidance_scale > 1 and n % (2 * fixed) == 0
+        wants_cfg = is_guided(guidance_scale) and n % (2 * fixed) == 0
         degrees["cfg"] = 2 if wants_cfg and PARALLEL_PRESETS[p.preset].picks_cfg else 1
     if n % degrees["cfg"]:
         raise ConfigError(

@@ -52,7 +52,8 @@ class DitHandle:
 
             # The hooks diffusers itself takes off before offloading a model again.
             registry = HookRegistry.check_if_exists_or_initialize(self._offloaded)
-            for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+            for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING,
+                         _OFFLOAD_LEAD):
                 registry.remove_hook(name, recurse=True)
             self._offloaded = None
         for part in reversed(self.parts):
@@ -133,15 +134,56 @@ def _store_in(transformer: torch.nn.Module, storage_dtype: torch.dtype, compute_
                 registry.register_hook(_KeepGatheredWeights(), "wan_dist_keep_gathered_weights")
 
 
+# The host waits, after launching each offloaded block, for the block before it (below).
+_OFFLOAD_LEAD = "wan_dist_offload_lead"
+
+
+def offload_options(device: torch.device) -> dict[str, object]:
+    """diffusers' group offloading, one block a group, as `parallelize_dit` applies it onto `device`."""
+    streamed = device.type == "cuda"
+    return dict(onload_device=device, offload_device=torch.device("cpu"), offload_type="block_level",
+                num_blocks_per_group=1, use_stream=streamed, non_blocking=streamed,
+                # Without it each block's offload waits for the compute stream to drain: a host sync per
+                # block, and the device idles while the host launches the next block.
+                record_stream=streamed,
+                # The blocks are loaded into pinned memory (loading.load_transformer_to_host), which
+                # diffusers then pins no second time; pinning per transfer instead would copy every block
+                # into fresh pinned memory at every forward.
+                low_cpu_mem_usage=False)
+
+
+class _OffloadLead(ModelHook):
+    """With record_stream, a block's device memory, offloaded, is reused only once the compute stream has
+    run past that block; the host is held back only by the side stream's copies, which are the shorter
+    whenever the prefetch hides them, so it would run ahead block after block, each one onloaded: up to
+    the whole DiT on the device. After launching a block, the host waits for the block before it: the
+    block just launched keeps the device busy meanwhile, and the device holds at most three blocks (the
+    one finishing, the one launched, the next one arriving)."""
+
+    def __init__(self, previous: list[torch.cuda.Event]) -> None:
+        super().__init__()
+        self.previous = previous  # shared by every block's hook: the last block's end, once recorded
+
+    def post_forward(self, module: torch.nn.Module, output):
+        end = torch.cuda.Event()
+        end.record()
+        if self.previous:
+            self.previous.pop().synchronize()
+        self.previous.append(end)
+        return output
+
+
 def _offload_blocks(transformer: torch.nn.Module, device: torch.device) -> None:
-    """diffusers' group offloading, one block a group: on CUDA the blocks sit in pinned CPU memory and the
-    next block is copied in on a side stream while the current one runs."""
+    """On CUDA the blocks sit in pinned CPU memory and the next block is copied in on a side stream while
+    the current one runs; on a CPU (tests) the hooks run without a stream and move nothing."""
     from diffusers.hooks import apply_group_offloading
 
-    streamed = device.type == "cuda"
-    apply_group_offloading(transformer, onload_device=device, offload_device=torch.device("cpu"),
-                           offload_type="block_level", num_blocks_per_group=1, use_stream=streamed,
-                           non_blocking=streamed)
+    options = offload_options(device)
+    apply_group_offloading(transformer, **options)
+    if options["record_stream"]:
+        previous: list[torch.cuda.Event] = []
+        for block in transformer.blocks:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_OffloadLead(previous), _OFFLOAD_LEAD)
 
 
 def parallelize_dit(

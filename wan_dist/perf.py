@@ -15,13 +15,17 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from .text_encoding import TEXT_MAX_TOKENS
+from .text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
 
-# CLIP ViT-H/14's 257 image tokens at 224 px (I2V), beside Wan's padded text context.
-IMAGE_TOKENS = 257
+if TYPE_CHECKING:
+    from .parallel_dims import ParallelDims
+
+# Any guidance scale above 1 runs the unconditional branch (diffusers' do_classifier_free_guidance).
+GUIDED_SCALE = 5.0
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets; matched against
 # torch.cuda.get_device_name() by substring, most specific first.
@@ -278,13 +282,20 @@ class ExpertPipelinePrediction:
         return self.shared_s / self.split_s
 
 
-def _mode_for(gpus: int, guided: bool) -> str:
-    """The layout parallel=auto takes on `gpus` GPUs: cfg when guided and even, Ulysses over the rest."""
-    if gpus == 1:
-        return "single"
-    if guided and gpus % 2 == 0:
-        return "cfg" if gpus == 2 else "cfg_ulysses"
-    return "ulysses"
+def mode_of(dims: "ParallelDims") -> str:
+    """A layout as the scaling model names its modes; Ulysses x Ring is modelled as Ulysses over both."""
+    sequence = "ulysses" if dims.ring * dims.ulysses > 1 else ""
+    return "_".join(filter(None, ("cfg" if dims.cfg > 1 else "", sequence))) or "single"
+
+
+def auto_mode(dit_config: dict, gpus: int, guided: bool) -> str:
+    """The layout parallel=auto takes on `gpus` GPUs (its own rule, parallel_dims), as a mode."""
+    from .config import ParallelConfig
+    from .parallel_dims import resolve_parallel_dims
+
+    dims = resolve_parallel_dims(ParallelConfig(), world_size=gpus, num_heads=dit_config["num_attention_heads"],
+                                 guidance_scale=GUIDED_SCALE if guided else 1.0)
+    return mode_of(dims)
 
 
 def predict_expert_pipeline(
@@ -296,7 +307,7 @@ def predict_expert_pipeline(
     `sampler_tensors`: latent-sized fp32 tensors of the sampler's state that cross with the latents
     (UniPC of order 2: the latents, its last sample and two model outputs)."""
     def step(count: int) -> float:
-        return predict_step(dit_config, tokens, mode=_mode_for(count, guided), gpus=count, link=link,
+        return predict_step(dit_config, tokens, mode=auto_mode(dit_config, count, guided), gpus=count, link=link,
                             single_step_s=single_step_s, guided=guided).step_s
 
     high_gpus = min(gpus - 1, max(1, round(gpus * high_steps / (high_steps + low_steps))))
@@ -506,13 +517,13 @@ def fitted_transfer_markdown() -> str:
     return transfer_markdown(transfer_table(WAN_14B_CONFIG, WAN_720P_TOKENS, single_step_s=fit["single_step_s"]))
 
 
-# T2V-A14B at its defaults (40 steps, shift 12, boundary 0.875): the steps each expert runs.
-A14B_T2V_EXPERT_STEPS = (26, 14)
+def expert_pipeline_markdown(preset: str = "t2v_a14b") -> str:
+    """A two-expert preset (T2V-A14B) at 720p in a long queue, at its own steps, shift and boundary: both
+    experts on every GPU against the expert pipeline, from the 14B step time fitted to the official
+    figures (each expert is a 14B DiT)."""
+    from .building import preset_expert_steps
 
-
-def expert_pipeline_markdown(steps: tuple[int, int] = A14B_T2V_EXPERT_STEPS) -> str:
-    """T2V-A14B at 720p in a long queue: both experts on every GPU against the expert pipeline, from the
-    14B step time fitted to the official figures (each expert is a 14B DiT)."""
+    steps = preset_expert_steps(preset)
     single = fit_official(link=NVLINK)["single_step_s"]
     lines = ["| GPUs | link | groups (high + low) | s per video, both experts everywhere | s per video, expert "
              "pipeline | speed-up |", "| --- | --- | --- | --- | --- | --- |"]

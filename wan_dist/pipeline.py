@@ -70,6 +70,14 @@ class StepClock:
         return [b - a for a, b in pairwise(self.marks)]
 
 
+def high_noise_steps(timesteps: torch.Tensor, boundary_timestep: float | None) -> list[bool]:
+    """Per step, whether the high-noise expert runs it: diffusers' rule `t >= boundary_timestep`, the same
+    comparison (the scheduler's dtype against the boundary) made for all steps at once, on host timesteps."""
+    if boundary_timestep is None:
+        return [True] * len(timesteps)
+    return (timesteps.cpu() >= boundary_timestep).tolist()
+
+
 @dataclass(frozen=True)
 class Experts:
     """Which model predicts the noise at each step: `high` while the timestep is at or above
@@ -80,20 +88,21 @@ class Experts:
     low: NoisePredictor | None = None
     boundary_timestep: float | None = None
 
-    @staticmethod
-    def is_high(t: torch.Tensor | float, boundary_timestep: float | None) -> bool:
-        return boundary_timestep is None or t >= boundary_timestep
-
-    def at(self, t: torch.Tensor) -> NoisePredictor:
-        expert = self.high if self.is_high(t, self.boundary_timestep) else self.low
-        if expert is None:
-            raise RuntimeError(f"no expert was given for timestep {float(t)}")
-        return expert
+    def per_step(self, timesteps: torch.Tensor, start: int = 0, stop: int | None = None) -> dict[int, NoisePredictor]:
+        """The expert of each step from `start` to `stop`, from the schedule's host `timesteps`: the choice
+        is made before the loop, so that no step waits for the device to compare its timestep."""
+        stop = len(timesteps) if stop is None else stop
+        high = high_noise_steps(timesteps, self.boundary_timestep)
+        chosen = {i: self.high if high[i] else self.low for i in range(start, stop)}
+        missing = [i for i, expert in chosen.items() if expert is None]
+        if missing:
+            raise RuntimeError(f"no expert was given for timestep {float(timesteps[missing[0]])}")
+        return chosen
 
 
 def expert_step_counts(timesteps: torch.Tensor, boundary_timestep: float) -> tuple[int, int]:
-    """How many of the steps each expert runs (high noise first, as in Experts.at)."""
-    high = sum(1 for t in timesteps if Experts.is_high(t, boundary_timestep))
+    """How many of the steps each expert runs (high noise first, as in Experts.per_step)."""
+    high = sum(high_noise_steps(timesteps, boundary_timestep))
     return high, len(timesteps) - high
 
 
@@ -201,9 +210,6 @@ class TokenTimesteps(TextOnly):
         return (1 - self.mask) * self.condition + self.mask * latents
 
 
-Conditioning = TextOnly
-
-
 @dataclass
 class DenoiseResult:
     latents: torch.Tensor
@@ -219,7 +225,7 @@ def denoise(
     steps: int,
     experts: Experts,
     model_dtype: torch.dtype,
-    conditioning: Conditioning = TextOnly(),
+    conditioning: TextOnly = TextOnly(),
     show_progress: bool = True,
     description: str = "denoising",
     stop: int | None = None,
@@ -230,18 +236,24 @@ def denoise(
 
     `latents`: the initial noise, or the state an earlier loop over the same steps stopped at; `stop`: the
     step to stop before (default: run to the end), which returns the state to continue from."""
-    scheduler.set_timesteps(steps, device=latents.latents.device if isinstance(latents, SamplerState)
-                            else latents.device)
+    device = latents.latents.device if isinstance(latents, SamplerState) else latents.device
+    # The schedule is set first on the CPU to choose the experts from: reading the device's timesteps
+    # would wait for the device, which may still be running the previous video.
+    scheduler.set_timesteps(steps, device="cpu")
+    host_timesteps = scheduler.timesteps
+    scheduler.set_timesteps(steps, device=device)
     scheduler.set_begin_index(0)
     start = 0
     if isinstance(latents, SamplerState):
         latents.restore(scheduler)
         start, latents = int(latents.step_index), latents.latents
     stop = len(scheduler.timesteps) if stop is None else stop
+    chosen = experts.per_step(host_timesteps, start, stop)
     clock = StepClock(latents.device)
     clock.mark()
-    for t in tqdm(scheduler.timesteps[start:stop], desc=description, disable=not show_progress, unit="step"):
-        noise = experts.at(t)(conditioning.model_input(latents).to(model_dtype), conditioning.timestep(t, latents))
+    for i in tqdm(range(start, stop), desc=description, disable=not show_progress, unit="step"):
+        t = scheduler.timesteps[i]
+        noise = chosen[i](conditioning.model_input(latents).to(model_dtype), conditioning.timestep(t, latents))
         latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         clock.mark()
     if stop < len(scheduler.timesteps):

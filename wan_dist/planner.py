@@ -1,6 +1,6 @@
 """Which layout fits a GPU: the planner's steps, tried in order on the plan's memory model, each only if
-the previous one does not fit. `build_plan` runs it for a CUDA device with its free memory (parallel=auto
-and every key left open), launch/plan.py for GPUs it imagines.
+the previous one does not fit. `build_plan` runs it for a CUDA device with the ranks' least free memory
+(parallel=auto and every key left open), launch/plan.py for GPUs it imagines.
 
 The steps, each applied only where the user left its keys open: the layout as given (`parallel=auto`:
 cfg when guided, then the sequence axes), unsharded; the DiT sharded over the DiT ranks (FSDP2); also the
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .errors import ConfigError
+from .sampling import named_keys
 
 if TYPE_CHECKING:
     from .plan import JobPlan
@@ -67,7 +68,7 @@ def _value(run: RunConfig, key: str) -> object:
 def given_keys(run: RunConfig, overrides: Collection[str] = ()) -> frozenset[str]:
     """The planner's keys the user set: named in `overrides` (Hydra's `key=value`, even to a default
     value) or holding something other than the schema's default (a config file set it)."""
-    named = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    named = named_keys(overrides)
     default = RunConfig()
     keys = {key for step_keys, _ in STEPS for key in step_keys} | {FP8.split("=")[0]}
     return frozenset(named | {key for key in keys if _value(run, key) != _value(default, key)})

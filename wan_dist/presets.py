@@ -23,7 +23,6 @@ WAN_NEGATIVE_PROMPT = (
 WAN21 = "wan2.1"
 WAN22_EXPERTS = "wan2.2_moe"
 WAN22_TI2V = "wan2.2_ti2v"
-FAMILIES = (WAN21, WAN22_EXPERTS, WAN22_TI2V)
 # Where a folder keeps its DiTs: the one DiT, or the high-noise expert, then the low-noise expert.
 DIT_SUBFOLDERS = ("transformer", "transformer_2")
 # The tasks that take `image=` (and FLF2V also `last_image=`).
@@ -61,6 +60,8 @@ class ModelSpec:
     attn_out_gain: tuple[float, float] = (4.0, 8.0)
     # dtype the weights are stored in: the real sizes are written in bf16 to halve the disk they take.
     save_dtype: str = "fp32"
+    # The flow shift the folder's scheduler config states (what diffusers' pipeline samples the folder with).
+    flow_shift: float = 3.0
     seed: int = 0
 
     @property

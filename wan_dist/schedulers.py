@@ -31,7 +31,7 @@ class DistilledEulerScheduler(FlowMatchEulerDiscreteScheduler):
     from its constructor's signature.)"""
 
     noise_seed: int | None = None
-    _noise: torch.Generator | None = None
+    _noise: torch.Tensor | None = None  # (steps, *sample shape): every step's draw, in host memory
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       sigmas: list[float] | None = None, **kwargs) -> None:
@@ -40,11 +40,38 @@ class DistilledEulerScheduler(FlowMatchEulerDiscreteScheduler):
         super().set_timesteps(device=device, sigmas=sigmas, **kwargs)
         self._noise = None  # a new video starts its noise stream again
 
+    def _drawn(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """Every step's noise, drawn at the first step as the library's step draws it (one `randn` per step,
+        fp32, on the CPU generator, in step order), into pinned memory when the sample is on a GPU: each
+        step then copies its draw without waiting, where a copy from pageable memory would make the host
+        wait for the device every step."""
+        if self._noise is None:
+            generator = torch.Generator("cpu").manual_seed(self.noise_seed)
+            torch.randn(shape, generator=generator, dtype=torch.float32)  # the initial latent's
+            self._noise = torch.empty((len(self.timesteps), *shape), dtype=torch.float32,
+                                      pin_memory=device.type == "cuda")
+            for draw in self._noise:
+                torch.randn(shape, generator=generator, dtype=torch.float32, out=draw)
+        return self._noise[self.step_index].to(device, non_blocking=True)
+
     def step(self, model_output: torch.Tensor, timestep: float | torch.Tensor, sample: torch.Tensor, *args,
-             generator: torch.Generator | None = None, **kwargs) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
-        if generator is None and self.config.stochastic_sampling and self.noise_seed is not None:
-            if self._noise is None:
-                self._noise = torch.Generator("cpu").manual_seed(self.noise_seed)
-                torch.randn(sample.shape, generator=self._noise, dtype=torch.float32)  # the initial latent's
-            generator = self._noise
-        return super().step(model_output, timestep, sample, *args, generator=generator, **kwargs)
+             generator: torch.Generator | None = None, return_dict: bool = True,
+             **kwargs) -> FlowMatchEulerDiscreteSchedulerOutput | tuple:
+        if generator is not None or not self.config.stochastic_sampling or self.noise_seed is None:
+            return super().step(model_output, timestep, sample, *args, generator=generator,
+                                return_dict=return_dict, **kwargs)
+        if kwargs.get("per_token_timesteps") is not None:
+            raise ValueError("the fresh-noise step takes one timestep for the whole sample")
+        # The library's stochastic step, term for term (same dtypes, same order), on the drawn noise: its
+        # own step would draw from a generator itself and copy the draw to the device from pageable memory.
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sample = sample.to(torch.float32)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x0 = sample - sigma * model_output
+        prev_sample = (1.0 - sigma_next) * x0 + sigma_next * self._drawn(sample.shape, sample.device)
+        self._step_index += 1
+        prev_sample = prev_sample.to(model_output.dtype)
+        if not return_dict:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)

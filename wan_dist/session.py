@@ -129,6 +129,14 @@ class Session:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
+    def least(self, value: int) -> int:
+        """The smallest of the ranks' `value`s, on every rank."""
+        # nccl reduces device tensors only; gloo host ones.
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        box = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(box, op=dist.ReduceOp.MIN)
+        return int(box.item())
+
     def follow_rank_zero(self, name: str) -> None:
         """Every rank continues once rank 0 reaches `name`, however long rank 0's own work before it takes
         (a decode, writing a video): the collective that follows then waits only for the transfer."""
@@ -150,9 +158,6 @@ class Session:
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(value, out, dst=0)
         return out
-
-    def barrier(self) -> None:
-        dist.barrier()
 
 
 def check_gpus_per_node(device_count: int, ranks_on_node: int) -> None:

@@ -25,7 +25,7 @@ from .cfg_parallel import GuidedNoise
 from .decode import decode_latents
 from .loading import (
     apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
-    load_transformer_sharded, load_vae, parameter_bytes, read_component_config,
+    load_transformer_sharded, load_transformer_to_host, load_vae, parameter_bytes,
 )
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
@@ -65,11 +65,11 @@ class VaeWork:
         vae_encode=patch."""
         from diffusers.utils import load_image
 
-        config = self.plan.config
+        config, sampling = self.plan.config, self.plan.sampling
         with self.metrics.timed("encode_s"):
             return encode_image_condition(
-                load_image(config.image), self.vae, height=config.height, width=config.width,
-                num_frames=config.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
+                load_image(config.image), self.vae, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
                 first_frame_only=self.plan.family == WAN22_TI2V,
                 group=self.group if self.plan.vae_encode == "patch" else None)
 
@@ -176,7 +176,8 @@ class EncoderStage:
             log.info("video %d/%d: decoding", video.index + 1, len(plan.videos))
             frames = self.vae.decode(latents)
             with self.metrics.timed("write_s"):
-                write_video(frames, plan.out_dir / video.video, config.frame_rate, overwrite=config.output.overwrite)
+                write_video(frames, plan.out_dir / video.video, plan.sampling.frame_rate,
+                            overwrite=config.output.overwrite)
                 if video.frames:
                     write_frames(frames, plan.out_dir / video.frames, overwrite=config.output.overwrite)
             self.videos.append({"index": video.index, "prompt": video.prompt, "video": video.video,
@@ -223,7 +224,8 @@ class DitStage:
                 self.transformers.append(transformer)
                 self.handles.append(handle)
                 metrics.hold(name, parameter_bytes(transformer))
-            self.scheduler = load_scheduler(plan.folder, config.scheduler, config.flow_shift, seed=plan.seed)
+            self.scheduler = load_scheduler(plan.folder, plan.sampling.scheduler, plan.sampling.flow_shift,
+                                            seed=plan.seed)
         self.cfg_group = mesh.get_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
         self._records_videos = not plan.holds(session.rank, "vae")
@@ -242,9 +244,18 @@ class DitStage:
                                      shard_rank=plan.dims.dit_ranks.index(self.session.rank),
                                      shard_count=len(plan.dims.dit_ranks))
             return transformer, handle
-        # Offloaded, the DiT never goes to the device whole: the offload step places its parts.
-        transformer = load_transformer(plan.folder, dit.dtype, torch.device("cpu") if dit.offload else device,
-                                       allow_pickle=plan.config.model.allow_pickle, subfolder=dit.subfolder)
+        if dit.offload:
+            # The DiT never goes to the device whole: it is read into the host memory it streams from, and
+            # the offload step places its parts. fp8 storage replaces each stored weight by a cast copy,
+            # which group offloading then pins itself: pinned, the loaded weights would only stay behind
+            # in torch's cache of pinned memory.
+            transformer = load_transformer_to_host(plan.folder, dit.dtype,
+                                                   pinned=device.type == "cuda" and dit.storage_dtype is None,
+                                                   allow_pickle=plan.config.model.allow_pickle,
+                                                   subfolder=dit.subfolder)
+        else:
+            transformer = load_transformer(plan.folder, dit.dtype, device, allow_pickle=plan.config.model.allow_pickle,
+                                           subfolder=dit.subfolder)
         apply_loras(transformer, list(dit.loras))
         return transformer, parallelize_dit(transformer, **options)
 
@@ -279,15 +290,15 @@ class DitStage:
 
     def _denoise(self, inputs: DitInputs, description: str) -> DenoiseResult:
         device, dtype, plan = self.session.device, self.dtype, self.plan
-        config = plan.config
 
         def to_dit(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
 
         # Whether there is an unconditional branch is the high-noise guidance's call (diffusers'
         # do_classifier_free_guidance); the low-noise expert combines the branches with its own scale.
-        scales = (config.guidance_scale, config.guidance_scale if config.guidance_scale_2 is None
-                  else config.guidance_scale_2)
+        sampling = plan.sampling
+        scales = (sampling.guidance_scale, sampling.guidance_scale if sampling.guidance_scale_2 is None
+                  else sampling.guidance_scale_2)
         predictors = {name: GuidedNoise(
             transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
@@ -300,7 +311,7 @@ class DitStage:
         start = self.handoff.take_from_high() if resumes else initial_noise(plan.latent, plan.seed, device)
         with self.metrics.timed("denoise_s", device):
             result = denoise(
-                latents=start, scheduler=self.scheduler, steps=config.steps,
+                latents=start, scheduler=self.scheduler, steps=sampling.steps,
                 experts=Experts(*(predictors.get(name) for name in EXPERTS), boundary_timestep=boundary),
                 model_dtype=dtype, conditioning=self._conditioning(inputs.condition),
                 show_progress=self.session.rank == self.group.leader, description=description, stop=stop,
@@ -311,8 +322,7 @@ class DitStage:
     def _conditioning(self, condition: torch.Tensor | None) -> TextOnly:
         plan, device = self.plan, self.session.device
         if plan.family == WAN22_TI2V:
-            patch = tuple(read_component_config(plan.folder, "transformer")["patch_size"][1:])
-            return TokenTimesteps.of(plan.latent, patch, condition, device)
+            return TokenTimesteps.of(plan.latent, plan.patch[1:], condition, device)
         return TextOnly() if condition is None else ChannelCondition(condition.to(device))
 
     def _release(self) -> None:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 # Wan's text context: every prompt is padded or cut to 512 UMT5 tokens, and the I2V cross-attention relies
 # on exactly 512 text tokens before the image's.
 TEXT_MAX_TOKENS = 512
+# The I2V image context: CLIP ViT-H/14's 257 tokens at 224 px (16 x 16 patches and the class token).
+IMAGE_TOKENS = 257
 
 
 # CPU features with which oneDNN runs bf16 matmuls natively (x86: AVX512-BF16, AMX; Arm: the BF16

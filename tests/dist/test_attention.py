@@ -158,6 +158,8 @@ def run_cases(rank: int, world_size: int, device_type: str, cases: list[Case]) -
             "finite": bool(torch.isfinite(out).all()),
             "shape_dtype_ok": out.shape == q.shape and out.dtype == dtype,
             "globals_restored": globals_restored,
+            # The USP layers the call built: the block kernel it chose, or the masked one for padding.
+            "layers": sorted(attn._layers),
         }
     return results
 

@@ -1,6 +1,7 @@
 """The 4-step distilled path: `+experiment=distilled_4step` with a LoRA in LightX2V's (and CausVid's) key
 format, on two ranks, against diffusers running the same LoRA with the same scheduler; and the fresh-noise
-sampler LightX2V's Wan2.1 runner steps with (`scheduler=lcm_distill`)."""
+sampler LightX2V's Wan2.1 runner steps with (`scheduler=lcm_distill`), also continued by the low-noise
+group of an expert split."""
 
 from __future__ import annotations
 
@@ -15,30 +16,18 @@ from tests.dist_utils import run_on_ranks
 from tests.modes import Case, run_cases
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
 from wan_dist.checks import check_loras, validate_run
-from wan_dist.config import RunConfig, register_configs
+from wan_dist.config import RunConfig, compose_run
 from wan_dist.loading import load_scheduler, read_component_config
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # LightX2V's training timesteps: 1000, 750, 500, 250 shifted by 5 (its WanStepDistillScheduler).
 LIGHTX2V_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]
-
-
-def compose(*overrides: str) -> RunConfig:
-    """The run config `launch/generate.py` would build from these overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return OmegaConf.to_object(hydra_compose("generate", overrides=list(overrides)))
 
 
 @pytest.fixture(scope="module")
 def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
     lora = write_lightx2v_lora(t2v_folder, tmp_path_factory.mktemp("lightx2v") / "lightx2v_4step.safetensors")
-    return compose("+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
-                   "height=32", "width=48", "num_frames=5")
+    return compose_run(["+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
+                        "height=32", "width=48", "num_frames=5"])
 
 
 def test_experiment_sets_the_distilled_sampling(distilled_run):
@@ -72,20 +61,23 @@ def test_lightx2v_lora_passes_the_checks(distilled_run):
 
 
 @pytest.fixture(scope="module")
-def distilled_results(distilled_run, tmp_path_factory) -> dict[str, tuple[Case, Path]]:
+def distilled_results(distilled_run, family_folders, tmp_path_factory) -> dict[str, tuple[Case, Path]]:
     run = distilled_run
     experiment = Case("experiment_ulysses", str(run.model.path), ulysses=2, prompt=run.prompt,
                       negative_prompt=run.negative_prompt, height=run.height, width=run.width,
                       num_frames=run.num_frames, steps=run.steps, guidance_scale=run.guidance_scale,
                       flow_shift=run.flow_shift, scheduler=run.scheduler,
                       lora=tuple((lora.path, lora.scale) for lora in run.lora))
-    cases = [experiment, replace(experiment, name="lcm_ring", ulysses=1, ring=2, scheduler="lcm_distill")]
+    cases = [experiment, replace(experiment, name="lcm_ring", ulysses=1, ring=2, scheduler="lcm_distill"),
+             # The low-noise group starts at the switch: its first fresh noise is that step's draw.
+             Case("lcm_expert_split", str(family_folders["moe_t2v"]), expert_split=True, steps=4,
+                  guidance_scale=1.0, scheduler="lcm_distill")]
     root = tmp_path_factory.mktemp("distilled")
     run_on_ranks(2, run_cases, cases, str(root), timeout=600)
     return {case.name: (case, root / case.name / "frames.npy") for case in cases}
 
 
-@pytest.mark.parametrize("name", ["experiment_ulysses", "lcm_ring"])
+@pytest.mark.parametrize("name", ["experiment_ulysses", "lcm_ring", "lcm_expert_split"])
 def test_distilled_matches_diffusers(distilled_results, name):
     case, frames = distilled_results[name]
     error = max_abs_error(frames, reference_frames(case.folder, **case.reference_kwargs()))

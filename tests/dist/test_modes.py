@@ -14,6 +14,8 @@ import pytest
 from tests.dist_utils import run_on_ranks
 from tests.modes import Case, run_cases
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
+from wan_dist.config import RunConfig
+from wan_dist.sampling import SCHEDULER_CONFIG
 
 
 def _layouts(world: int) -> list[dict]:
@@ -123,6 +125,18 @@ def test_the_low_noise_expert_and_its_guidance_are_used(world_results):
     case, out_dir = world_results["moe_t2v_ulysses"]
     kwargs = dict(case.reference_kwargs(), guidance_scale_2=None)
     assert max_abs_error(out_dir / "frames.npy", reference_frames(case.folder, **kwargs)) > 100 * TOLERANCE
+
+
+def test_a_folder_given_alone_samples_as_diffusers_samples_it(world_results):
+    """The two-expert I2V folder's scheduler says shift 12 and its cases leave flow_shift open: each of its
+    layouts matched diffusers' pipeline on the folder as it is (above). That comparison can fail: at the
+    default preset's shift the frames differ. run.json says where the shift came from."""
+    case, out_dir = world_results["moe_i2v_cfg_fsdp"]
+    report = json.loads((out_dir / "run.json").read_text())
+    assert report["plan"]["sampling"]["flow_shift"] == {"value": 12.0, "source": f"folder {SCHEDULER_CONFIG}"}
+    assert report["config"]["flow_shift"] == 12.0
+    default_shift = reference_frames(case.folder, **dict(case.reference_kwargs(), flow_shift=RunConfig.flow_shift))
+    assert max_abs_error(out_dir / "frames.npy", default_shift) > 100 * TOLERANCE
 
 
 def test_ti2v_image_sets_the_first_frame(world_results):

@@ -1,10 +1,10 @@
-"""The 1.3B architecture (random bf16 weights, 64x64, 5 frames, one step) on two CPU ranks, unsharded and
+"""The 1.3B architecture (random bf16 weights, 64x64, 5 frames, two steps) on two CPU ranks, unsharded and
 with the DiT sharded (parallel.fsdp=true): each rank loads about half the replica; through the load its
 peak RSS stays below the unsharded run's peak by what it no longer holds (the replica less its shard);
-through the whole run it stays below too, by less: the blocks FSDP gathers, freed after each block,
-leave host memory with the process, in glibc's per-thread arenas (measured: 0.4 to 0.8 GiB of the 1.3
-GiB a rank no longer holds saved at the run's peak; 0.8 on both ranks with MALLOC_ARENA_MAX=1). The frames are the unsharded run's. Building the 1.3B folder
-writes about 2.8 GB, once per $WAN_DIST_CACHE."""
+through the whole run, by most of it: the blocks FSDP gathers are given back to the kernel once freed
+(the entry point keeps glibc's default thresholds for a sharded run, README's Memory), so what a
+rank holds beyond its shard is FSDP's working set, not every block it ever gathered. The frames are the
+unsharded run's. Building the 1.3B folder writes about 2.8 GB, once per $WAN_DIST_CACHE."""
 
 from __future__ import annotations
 
@@ -22,13 +22,17 @@ ROOT = Path(__file__).resolve().parents[2]
 # Of a replica: what the two runs may differ by beyond the weights and the gathered blocks (the
 # allocator's caching, the collectives' buffers).
 SLACK = 0.1
+# Of what a sharded rank no longer holds: the least its whole run's peak must come down by. The rest is
+# FSDP's working set: the running and the prefetched block, gathered, with their all-gather buffers, and
+# the root (measured: 64% to 73% saved; 34% to 51% while the freed blocks stayed with the process).
+SAVED = 0.55
 
 
 def _run(out: Path, *overrides: str) -> dict:
     env = launch_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "launch/generate.py",
            "model=t2v_1_3b", "model.random_weights=true", "model.dit_dtype=bf16", "height=64", "width=64",
-           "num_frames=5", "steps=1", "output.save_frames=true", f"output.dir={out}", f"hydra.run.dir={out}-hydra",
+           "num_frames=5", "steps=2", "output.save_frames=true", f"output.dir={out}", f"hydra.run.dir={out}-hydra",
            *overrides]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -54,10 +58,12 @@ def test_sharded_1_3b_holds_half_and_gives_the_same_frames(tmp_path):
         print(f"rank {rank}: replica {replica / 2**30:.2f} GiB, shard {shard / 2**30:.2f} GiB, peak RSS "
               f"{before['peak_bytes'] / 2**30:.2f} -> {after['peak_bytes'] / 2**30:.2f} GiB, at the DiT's load "
               f"{before['peak_bytes_when_loaded']['dit'] / 2**30:.2f} -> "
-              f"{after['peak_bytes_when_loaded']['dit'] / 2**30:.2f} GiB")
+              f"{after['peak_bytes_when_loaded']['dit'] / 2**30:.2f} GiB, s/step "
+              f"{whole['timings']['steps_s']} -> {sharded['timings']['steps_s']}")
         # While loading nothing is gathered yet: the load's peak stays a shard's, below the unsharded run's
         # peak by all that the rank does not hold.
         loading = after["peak_bytes_when_loaded"]["dit"]
         assert before["peak_bytes"] - loading >= replica - shard - SLACK * replica, (rank, before, loading)
-        assert after["peak_bytes"] < before["peak_bytes"], (rank, before["peak_bytes"], after["peak_bytes"])
+        saved = before["peak_bytes"] - after["peak_bytes"]
+        assert saved >= SAVED * (replica - shard), (rank, saved, replica - shard)
     np.testing.assert_array_equal(np.load(tmp_path / "sharded" / "frames.npy"), np.load(tmp_path / "whole" / "frames.npy"))

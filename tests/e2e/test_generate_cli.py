@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
+from wan_dist.building import TINY_FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +48,7 @@ def test_make_run_default_two_ranks(tmp_path):
     saved = np.load(out / "frames.npy")
     assert saved.shape == (9, 64, 64, 3) and saved.dtype == np.float32
     # Same as diffusers on the folder the run built.
-    folder = tmp_path / "cache" / "models" / "tiny-v1"
+    folder = tmp_path / "cache" / "models" / f"tiny-v{TINY_FORMAT_VERSION}"
     reference = reference_frames(str(folder), prompt=report["config"]["prompt"], height=64, width=64, steps=4)
     assert max_abs_error(saved, reference) <= TOLERANCE
     # Only rank 0 writes: nothing but the outputs in the folder, no temp files.

@@ -16,6 +16,7 @@ import pytest
 
 from tests.launching import launch_env
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
+from wan_dist.building import TINY_FORMAT_VERSION
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,7 +67,7 @@ def test_sbatch_two_ranks_matches_diffusers(slurm_cluster, tmp_path, shape):
     assert report["mesh"]["cfg"] == 2  # parallel=auto on two ranks with guidance 5
     assert "2 rank(s)" in output, output[-4000:]
 
-    folder = tmp_path / "cache" / "models" / "tiny-v1"
+    folder = tmp_path / "cache" / "models" / f"tiny-v{TINY_FORMAT_VERSION}"
     reference = reference_frames(str(folder), prompt=report["config"]["prompt"], height=64, width=64, steps=4)
     saved = np.load(out / "frames.npy")
     assert max_abs_error(saved, reference) <= TOLERANCE

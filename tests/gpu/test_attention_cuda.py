@@ -40,6 +40,18 @@ CASES_2 = [
 ]
 
 
+def _expected_layer(case: Case) -> str:
+    """The kernel choose_kernel gives for the case (its head dim padded to a multiple of 8 first), or the
+    masked kernel where the tokens are padded."""
+    from wan_dist.attention import choose_kernel, device_capability, installed_kernel_libraries
+
+    if case.pad:
+        return "masked"
+    return choose_kernel(case.kernel, capability=device_capability(torch.device("cuda")),
+                         dtype=getattr(torch, case.dtype), head_dim=-(-case.head_dim // 8) * 8,
+                         installed=installed_kernel_libraries())
+
+
 def _check(per_rank: list[dict[str, dict]], cases: list[Case]) -> None:
     failures = []
     for case in cases:
@@ -48,6 +60,9 @@ def _check(per_rank: list[dict[str, dict]], cases: list[Case]) -> None:
         ok = all(s["finite"] and s["shape_dtype_ok"] and s["globals_restored"] for s in stats)
         if not ok or err > TOLERANCE[case.dtype]:
             failures.append(f"{case.id}: err {err:.3g}, {stats}")
+        if any(s["layers"] != [_expected_layer(case)] for s in stats):
+            failures.append(f"{case.id}: ran {[s['layers'] for s in stats]}, the plan's choice is "
+                            f"{_expected_layer(case)}")
     assert not failures, "\n".join(failures)
 
 

@@ -9,9 +9,8 @@ import pytest
 from PIL import Image
 
 from wan_dist.checks import read_prompts, validate_run
-from wan_dist.config import ConfigError, LoraConfig, RunConfig, register_configs
+from wan_dist.config import ConfigError, LoraConfig, RunConfig, compose_run
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -73,12 +72,7 @@ def test_default_t2v_run_is_valid():
 
 def test_hydra_composed_default_is_valid():
     """What `python launch/generate.py` with no overrides validates."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        run = OmegaConf.to_object(compose("generate"))
+    run = compose_run()
     assert isinstance(run, RunConfig)
     assert (run.model.preset, validate_run(run).task, run.parallel.preset) == ("tiny", "t2v", "auto")
 
@@ -238,13 +232,8 @@ def test_explicit_task_contradicting_the_folder(tmp_path):
 
 
 def test_cli_default_preset_with_i2v_folder_reads_task(tmp_path, png):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     folder = write_index(tmp_path / "model", "WanImageToVideoPipeline")
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        run = OmegaConf.to_object(compose("generate", overrides=[f"model.path={folder}", f"image={png}"]))
+    run = compose_run([f"model.path={folder}", f"image={png}"])
     assert validate_run(run).task == "i2v"
 
 

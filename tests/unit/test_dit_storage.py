@@ -80,3 +80,14 @@ def test_offload_with_fsdp_is_refused(tmp_path, t2v_folder):
         build_plan(run, world_size=2, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0,
                    facts_of_device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
     assert str(error.value).startswith("model.dit_offload='block' is not allowed: none with parallel.fsdp=true")
+
+
+def test_compile_with_offload_is_refused(tmp_path, t2v_folder):
+    run = run_for(t2v_folder, dit_offload="block")
+    run.compile = True
+    with pytest.raises(ConfigError) as error:
+        build_plan(run, world_size=1, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0,
+                   facts_of_device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
+    message = str(error.value)
+    assert message.startswith("compile=True is not allowed: false with model.dit_offload=block")
+    assert "model.dit_offload=none" in message and "\n" not in message

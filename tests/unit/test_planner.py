@@ -86,3 +86,20 @@ def test_more_gpus_or_fp8_named_when_no_layout_fits(run, tmp_path):
     message = str(error.value)
     assert "it would fit on 2 such GPUs or with model.dit_storage_dtype=fp8_e4m3 parallel=usp " \
         "model.dit_offload=block parallel.vae_decode=patch (lossy: changes the output)" in message, message
+
+
+def test_every_rank_plans_for_the_least_free_memory(run, tmp_path):
+    """Rank 0 has room for a replica, rank 1 only for a shard: both plan the sharded layout, which rank 0's
+    memory alone would not have chosen."""
+    replica, sharded = (step_peak(run, tmp_path, STEPS[i][1], 2) for i in (0, 1))
+    free = [int(room(replica) * 2**30), int(room(sharded) * 2**30)]
+
+    def plan_on(rank: int) -> JobPlan:
+        own = DeviceFacts("cuda", (9, 0), free[rank])
+        return build_plan(run, world_size=2, rank=rank, device=GPU, out_dir=tmp_path, seed=0, own_facts=own,
+                          least=lambda value: min(value, *(f for r, f in enumerate(free) if r != rank)))
+
+    plans = [plan_on(rank) for rank in (0, 1)]
+    assert all(p.added == ("parallel.fsdp=true",) and p.fsdp for p in plans)
+    assert plans[0].to_json() == plans[1].to_json()
+    assert not plan(run, tmp_path, world_size=2, gib=free[0] / 2**30).fsdp

@@ -8,16 +8,17 @@ from dataclasses import fields
 import pytest
 import torch
 
+from wan_dist.building import wan_scheduler
 from wan_dist.pipeline import Experts, SamplerState, denoise, expert_step_counts
 from wan_dist.stage_split import _header
 
 
 def _scheduler(kind: str):
-    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     if kind == "euler":
         return FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return wan_scheduler(3.0)
 
 
 def _expert(scale: float):
