@@ -66,7 +66,9 @@ def test_stopped_peer_is_named(tmp_path, t2v_folder, point):
         survivor_rank = 1 - point.stopped
         job.wait_for(lambda: _exited([workers[survivor_rank]]), "the other rank's exit", timeout=TIMEOUT_S + MARGIN_S)
         survivor_s = time.monotonic() - stopped_at
-        # torchrun reports the exit status at once (it ends the stopped rank 30 s later: not waited for)
+        # torchrun reports the exit status once it has ended the other workers: a stopped one takes it 30 s
+        # (SIGTERM waits for SIGCONT), a killed one none.
+        workers[point.stopped].kill()
         exit_line = rf"failed \(exitcode: (-?\d+)\) local_rank: {survivor_rank} "
         job.wait_for(lambda: re.search(exit_line, job.text()), "torchrun's report of the exit")
         text = job.text()
