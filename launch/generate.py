@@ -64,6 +64,15 @@ def say_error(message: str) -> None:
     sys.stderr.flush()
 
 
+def _end_hung_rank(rank: int):
+    """What a rank does when a lost peer holds its main thread in a wait nothing interrupts: say so and end
+    (the outputs are written to temp files renamed when whole, so nothing half-written stays)."""
+    def end(message: str) -> None:
+        say_error(f"rank {rank}: {message}")
+        os._exit(1)
+    return end
+
+
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     env = rank_env()
@@ -82,7 +91,7 @@ def main(cfg: DictConfig) -> None:
             # Before the process group starts its threads, so that they inherit the rank's cores.
             pin_cpu_rank(env.local_rank, env.local_world_size, torch.get_num_threads())
         with distributed_session(
-            timeout_s=run.parallel.timeout_s, env=env,
+            timeout_s=run.parallel.timeout_s, env=env, on_hang=_end_hung_rank(env.rank),
             store_prefix=f"wan_dist/job{OmegaConf.select(hydra_cfg, 'job.num', default=0)}",
         ) as session:
             plan = build_plan(

@@ -17,9 +17,8 @@ import torch
 from . import __version__
 from .metrics import RankMetrics
 from .plan import JobPlan, expert_groups_json
-from .session import Session
+from .session import Session, new_group_with_timeout
 from .stage_split import Handoff
-from .session import new_group_with_timeout
 from .stages import DitStage, EncoderStage, VaeWork, run_stages
 from .video import write_json
 
@@ -30,13 +29,15 @@ def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
     """Run the whole job; returns run.json's content on rank 0, None elsewhere."""
     start = time.perf_counter()
     rank, device = session.rank, session.device
-    # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them.
+    # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them; they
+    # start together, whatever planning took on each, so that the timeout bounds only the creation.
+    session.meet("groups")
     mesh = plan.dims.build_mesh(device.type, session.timeout_s, rank=rank)
     shard_mesh = plan.dims.build_shard_mesh(device.type, session.timeout_s) if plan.fsdp else None
     handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
-                      timeout_s=session.timeout_s)
+                      timeout_s=session.timeout_s, peers=session.peers)
     # The VAE's bands run over all ranks, on a group of their own (collective to create).
-    vae_group = new_group_with_timeout(list(range(session.world_size)), session.timeout_s) \
+    vae_group = new_group_with_timeout(list(range(session.world_size)), session.timeout_s, device) \
         if len(plan.components["vae"].ranks) > 1 else None
     metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))
     vae = VaeWork(plan, session, metrics, vae_group) if plan.holds(rank, "vae") else None

@@ -12,8 +12,8 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,13 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
+# After the watch gives up on a peer: how long the main thread may take to notice before the process is
+# ended for it (well inside the 45 s a run may take past parallel.timeout_s to end).
+GRACE_S = 30.0
+POLL_S = 0.05  # how often a wait for another rank's post looks at the store
+# How the watch stops the main thread: a signal of the library's own while a session runs, so that the
+# user's Ctrl-C (SIGINT) and the launcher's SIGTERM keep their meaning.
+INTERRUPT_SIGNAL = signal.SIGUSR1
 
 
 class PeerLostError(RuntimeError):
@@ -100,6 +107,9 @@ class Session:
     env: RankEnv
     device: torch.device
     timeout_s: float | None = None  # every group of the run is created with it
+    # The rendezvous store's view of the other ranks (None in a world of one, or where the process group
+    # was started by someone else): waits on another rank's progress go through it.
+    peers: Heartbeat | None = None
 
     @property
     def rank(self) -> int:
@@ -127,15 +137,46 @@ class Session:
         dist.all_reduce(box, op=dist.ReduceOp.MIN)
         return int(box.item())
 
+    def follow_rank_zero(self, name: str) -> None:
+        """Every rank continues once rank 0 reaches `name`, however long rank 0's own work before it takes
+        (a decode, writing a video): the collective that follows then waits only for the transfer."""
+        if self.peers is None:
+            return
+        if self.rank == 0:
+            self.peers.post(name)
+        else:
+            self.peers.await_post(name, src=0, consume=False)
+
+    def meet(self, name: str) -> None:
+        """Every rank continues once all have reached `name` (before collectives that follow work of
+        each rank's own, such as planning or loading)."""
+        if self.peers is not None:
+            self.peers.meet(name)
+
     def gather_to_zero(self, value: Any) -> list[Any] | None:
+        self.follow_rank_zero("gather_to_zero")
         out = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(value, out, dst=0)
         return out
 
 
-def pick_device(local_rank: int) -> torch.device:
+def check_gpus_per_node(device_count: int, ranks_on_node: int) -> None:
+    """nccl needs a GPU of its own per rank: two ranks on one GPU fail in NCCL's init ("Duplicate GPU
+    detected") with a message that names neither count, so they are refused before any NCCL init."""
+    if ranks_on_node > device_count:
+        raise ConfigError(
+            f"{ranks_on_node} ranks on this node but {device_count} GPUs: nccl needs one GPU per rank; start "
+            f"at most {device_count} ranks per node (torchrun --nproc_per_node={device_count}, or srun with "
+            f"--ntasks-per-node={device_count})")
+
+
+def pick_device(local_rank: int, local_world_size: int = 1) -> torch.device:
+    """This rank's GPU (the current CUDA device from here on), or the CPU where there is none.
+    `local_world_size`: the ranks on this node where the launcher says (torchrun), all seeing every GPU."""
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
+        check_gpus_per_node(count, local_world_size)
+        # Slurm may bind each task to GPUs of its own (--gpus-per-task): its local rank 3 then sees cuda:0.
         device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
         return device
@@ -144,34 +185,102 @@ def pick_device(local_rank: int) -> torch.device:
 
 class Heartbeat:
     """Each rank bumps a counter in the rendezvous store every HEARTBEAT_S from a thread of its own, which
-    runs while the main thread waits in a collective. When a collective fails, the ranks whose counter
-    stands still are the ones that died or hang (a stopped process, a wedged device): the error names them
-    instead of leaving the user to find out which of N ranks went first."""
+    runs while the main thread waits in a collective or computes. A rank whose counter stands still died
+    or hangs (a stopped process, a wedged device).
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int) -> None:
+    The same thread watches the peers: once one has been silent for `timeout_s` (and neither finished nor
+    said it is failing), it interrupts the main thread, which then fails naming that rank, wherever it is:
+    computing (a DiT rank denoising while rank 0 is gone talks to nobody), or waiting in Python. A main
+    thread stuck in a native wait that no interrupt reaches (a collective entered just before the peer
+    went, a communicator's init) is given GRACE_S more; then `on_hang` gets the message, to say it and end
+    the process. So a lost peer ends every rank within timeout_s + GRACE_S and a few heartbeats."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, *, timeout_s: float | None = None,
+                 on_hang: Callable[[str], None] | None = None, grace_s: float = GRACE_S) -> None:
         self._store, self.rank, self.world_size = store, rank, world_size
+        self._timeout_s, self._on_hang, self._grace_s = timeout_s, on_hang, grace_s
+        self._peers = [r for r in range(world_size) if r != rank]
         self._stop = threading.Event()
+        self._failing = threading.Event()  # the main thread is diagnosing a failure of its own
+        self._main_thread: int | None = None  # where `interrupting` installed the handler
+        self.lost_message: str | None = None  # set by the watch once it gives up on a peer
+        self._posted: dict[str, int] = {}
         self._thread = threading.Thread(target=self._beat, name="wan_dist-heartbeat", daemon=True)
         self._thread.start()
 
     def _beat(self) -> None:
+        seen = {r: (-1, time.monotonic()) for r in self._peers}  # counter, when it last moved
         while True:
             try:
                 self._store.add(f"heartbeat/{self.rank}", 1)
-            except Exception:  # the store's host is gone; the main thread will hear of it from its collective
-                return
+                if self._timeout_s is not None:
+                    silent = self._silent_for(seen, self._timeout_s)
+                    if silent:
+                        return self._give_up(_lost_peers_message(
+                            silent, None, self._timeout_s,
+                            f"no heartbeat for parallel.timeout_s={self._timeout_s:g} s, so this rank gave up"))
+            except Exception as error:  # the store's host is gone
+                if self._stop.is_set() or self._timeout_s is None:
+                    return
+                return self._give_up(_lost_peers_message(None, error, self._timeout_s))
             if self._stop.wait(HEARTBEAT_S):
                 return
+
+    def _silent_for(self, seen: dict[int, tuple[int, float]], limit_s: float) -> list[int]:
+        now, silent = time.monotonic(), []
+        for peer in self._peers:
+            count = self._store.add(f"heartbeat/{peer}", 0)
+            if count != seen[peer][0]:
+                seen[peer] = (count, now)
+            elif now - seen[peer][1] > limit_s and not any(
+                    self._store.check([f"{state}/{peer}"]) for state in ("done", "failed")):
+                silent.append(peer)
+        return silent
+
+    def _give_up(self, message: str) -> None:
+        self.lost_message = message
+        try:
+            self._store.set(f"failed/{self.rank}", "1")  # this rank's silence from now on is no loss
+        except Exception:
+            pass
+        if self._stop.is_set():
+            return
+        if not self._failing.is_set() and self._main_thread is not None:  # else it is on its way out already
+            signal.pthread_kill(self._main_thread, INTERRUPT_SIGNAL)
+        if not self._stop.wait(self._grace_s) and self._on_hang is not None:
+            self._on_hang(message)
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        """While inside (on the main thread), a peer given up on raises PeerLostError in the main thread:
+        at its next bytecode, so also out of a sleep or a lock's wait, not out of a native wait (which
+        ends by its own timeout, or the process by `on_hang`). Raised wherever it lands, the error
+        carries the one line itself."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(INTERRUPT_SIGNAL, self._raise_lost)
+        self._main_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._main_thread = None
+            signal.signal(INTERRUPT_SIGNAL, previous)
+
+    def _raise_lost(self, _signum: int, _frame: Any) -> None:
+        if self.lost_message is not None and not self._failing.is_set():
+            self._failing.set()
+            raise PeerLostError(self.lost_message)
 
     def silent_peers(self) -> list[int] | None:
         """The other ranks that neither beat for 4 heartbeats nor said they are failing too (a rank that
         fails because of a lost peer is not lost itself); None when the store cannot be reached."""
+        self._failing.set()
         try:
             self._store.set(f"failed/{self.rank}", "1")
-            peers = [r for r in range(self.world_size) if r != self.rank]
-            first = {r: self._store.add(f"heartbeat/{r}", 0) for r in peers}
+            first = {r: self._store.add(f"heartbeat/{r}", 0) for r in self._peers}
             deadline = time.monotonic() + 4 * HEARTBEAT_S
-            silent = set(peers)
+            silent = set(self._peers)
             while silent and time.monotonic() < deadline:
                 silent = {r for r in silent if self._store.add(f"heartbeat/{r}", 0) == first[r]}
                 self._stop.wait(HEARTBEAT_S / 4)
@@ -179,20 +288,73 @@ class Heartbeat:
         except Exception:
             return None
 
+    def diagnose(self, error: BaseException) -> str | None:
+        """The one line for `error`, when it is a lost peer's doing; None when nobody is lost (then the
+        error is this rank's own, or the user's Ctrl-C)."""
+        if self.lost_message is not None:
+            self._failing.set()
+            return self.lost_message
+        if not isinstance(error, (Exception, Terminated)):
+            return None
+        silent = self.silent_peers()
+        return self.lost_message or _lost_peers_message(silent, error, self._timeout_s)
+
+    def post(self, name: str) -> None:
+        """Say that this rank has reached `name` (its n-th time), for `await_post` on another rank."""
+        count = self._posted[name] = self._posted.get(name, 0) + 1
+        self._store.set(f"posted/{name}/{count}", "1")
+
+    def await_post(self, name: str, src: int, *, consume: bool = True) -> None:
+        """Wait until rank `src` posts `name` (its n-th time on the n-th call here), as long as that takes
+        while `src` is alive: a rank waiting for rank 0's decode or a DiT rank's denoise must not run into
+        the collective timeout, which bounds a transfer, not the work before it. A lost peer ends the wait
+        (the watch interrupts it), and so does `src` failing. `consume`: this rank is the post's only
+        reader, which then removes it from the store."""
+        count = self._posted[name] = self._posted.get(name, 0) + 1
+        key = f"posted/{name}/{count}"
+        while not self._store.check([key]):
+            if self.lost_message is not None:
+                self._failing.set()
+                raise PeerLostError(self.lost_message)
+            if self._store.check([f"failed/{src}"]):
+                raise PeerLostError(f"rank {src} failed (its own error says why) while this rank waited for it")
+            time.sleep(POLL_S)
+        if consume:
+            self._store.delete_key(key)
+
+    def meet(self, name: str) -> None:
+        """Every rank continues once all have reached `name`, however long each one's own work took."""
+        self.post(f"{name}/{self.rank}")
+        for peer in self._peers:
+            self.await_post(f"{name}/{peer}", peer, consume=False)
+
+    def finish(self) -> None:
+        """This rank is done: its silence from now on is no loss."""
+        self._store.set(f"done/{self.rank}", "1")
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
 
 
-def _lost_peers_message(lost: list[int] | None, error: BaseException, timeout_s: float) -> str | None:
-    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+def _lost_peers_message(lost: list[int] | None, error: BaseException | None, timeout_s: float | None,
+                        reason: str | None = None) -> str | None:
+    if reason is None:
+        text = str(error).strip()
+        reason = text.splitlines()[0][:200] if text else type(error).__name__
     if lost is None:
         return f"lost contact with the rendezvous store (its host, rank 0's node, is likely gone): {reason}"
     if not lost:
+        if error is not None and ("timed out" in reason.lower() or "timeout" in reason.lower()):
+            return (f"a collective timed out after parallel.timeout_s={timeout_s:g} s while every rank was alive: "
+                    f"some rank's work between two collectives took longer; set parallel.timeout_s to more "
+                    f"seconds than that work takes: {reason}")
         return None
     who = f"rank {lost[0]}" if len(lost) == 1 else f"ranks {', '.join(map(str, lost))}"
+    if error is None:
+        return f"{who} stopped responding: {reason}"
     if "timed out" in reason.lower() or "timeout" in reason.lower():
-        return (f"{who} stopped responding (no heartbeat) and a collective timed out after "
+        return (f"{who} stopped responding (no heartbeat) and this rank gave up after "
                 f"parallel.timeout_s={timeout_s:g} s: {reason}")
     return f"{who} was lost (its process ended or stopped responding): {reason}"
 
@@ -200,11 +362,13 @@ def _lost_peers_message(lost: list[int] | None, error: BaseException, timeout_s:
 @contextmanager
 def _signals_deferred() -> Iterator[None]:
     """While a failure is being diagnosed, the launcher's SIGTERM (torchrun stops every rank once one has
-    failed) must not cut the diagnosis short: the process is about to exit with the better error anyway."""
+    failed) and SIGINT must not cut the diagnosis short: the process is about to exit with the better error
+    anyway."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+    deferred = (signal.SIGTERM, signal.SIGINT, INTERRUPT_SIGNAL)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in deferred}
     try:
         yield
     finally:
@@ -248,11 +412,22 @@ def init_process_group(
     return store
 
 
-def new_group_with_timeout(ranks: list[int], timeout_s: float | None) -> dist.ProcessGroup:
+def new_group_with_timeout(ranks: list[int], timeout_s: float | None,
+                           device: torch.device | None = None) -> dist.ProcessGroup:
     """`dist.new_group` with the collective timeout (a new group otherwise takes the backend's default,
-    not the default group's: gloo 30 min, nccl 10 min). Collective: every rank calls it."""
+    not the default group's: gloo 30 min, nccl 10 min). Collective: every rank calls it.
+
+    With `device`, the group's members run one collective on it at once. On nccl a group's communicator
+    is created by its first collective, in a blocking init that no timeout covers; made here, while every
+    member is known to be arriving, it exists before the group's first point-to-point transfer, so that
+    `dist.batch_isend_irecv` runs on it between any two members (its docs: only a group's first
+    collective needs all of the group's ranks) instead of creating a communicator of its own for the
+    pair, as an unbatched send/recv would, lazily and outside every timeout."""
     timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-    return dist.new_group(ranks, timeout=timeout)
+    group = dist.new_group(ranks, timeout=timeout)
+    if device is not None and dist.get_rank() in ranks:
+        dist.all_reduce(torch.zeros(1, device=device), group=group)
+    return group
 
 
 def _abandon_process_group() -> None:
@@ -267,28 +442,42 @@ def _abandon_process_group() -> None:
 @contextmanager
 def distributed_session(
     *, timeout_s: float, env: RankEnv | None = None, store_prefix: str = "",
+    on_hang: Callable[[str], None] | None = None,
 ) -> Iterator[Session]:
     """Start the process group; always tear down. A ConfigError raised inside (the plan is deterministic,
-    so raised on all ranks alike) ends every rank non-zero without blaming a peer."""
+    so raised on all ranks alike) ends every rank non-zero without blaming a peer. A lost peer raises
+    PeerLostError naming it; `on_hang` (see Heartbeat) gets its message where this rank's main thread is
+    stuck in a wait that cannot be interrupted: it should say it and end the process."""
     env = env or rank_env()
-    device = pick_device(env.local_rank)
+    device = pick_device(env.local_rank, env.local_world_size)
     store = init_process_group(env, device, timeout_s, store_prefix)
-    heartbeat = Heartbeat(store, env.rank, env.world_size) if store is not None else None
+    heartbeat = Heartbeat(store, env.rank, env.world_size, timeout_s=timeout_s, on_hang=on_hang) \
+        if store is not None else None
     try:
         log.debug("rank %d of %d on %s (%s)", env.rank, env.world_size, device, socket.gethostname())
-        yield Session(env=env, device=device, timeout_s=timeout_s)
-    except BaseException as error:
-        lost_message = None
-        # A ConfigError is raised on every rank alike and KeyboardInterrupt is the user's: nobody is lost.
-        if heartbeat is not None and isinstance(error, (Exception, Terminated)) and not isinstance(error, ConfigError):
-            with _signals_deferred():
-                lost_message = _lost_peers_message(heartbeat.silent_peers(), error, timeout_s)
+        with heartbeat.interrupting() if heartbeat is not None else nullcontext():
+            yield Session(env=env, device=device, timeout_s=timeout_s, peers=heartbeat)
+    except GeneratorExit:
+        # The watch's PeerLostError landed in the caller's `with` machinery before it came back here: the
+        # error is on its way out already; only the teardown is left.
         if dist.is_initialized():
             _abandon_process_group()
+        raise
+    except BaseException as error:
+        # Deferred also: the watch's interrupt, where it gave up on a peer while this rank was failing of
+        # its own accord (it comes at the main thread's next bytecode, wherever that is).
+        with _signals_deferred():
+            # A ConfigError is raised on every rank alike: nobody is lost.
+            lost_message = heartbeat.diagnose(error) \
+                if heartbeat is not None and not isinstance(error, ConfigError) else None
+            if dist.is_initialized():
+                _abandon_process_group()
         if lost_message:
             raise PeerLostError(lost_message) from error
         raise
     else:
+        if heartbeat is not None:
+            heartbeat.finish()
         dist.destroy_process_group()
     finally:
         if heartbeat is not None:

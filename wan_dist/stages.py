@@ -77,8 +77,13 @@ class VaeWork:
         """The frames on rank 0 (None elsewhere), decoded in bands with vae_decode=patch; its time and the
         peak of what it allocated go to run.json."""
         device = self.session.device
+        in_bands = self.plan.vae_decode == "patch"
+        if in_bands:
+            # Rank 0 may come late (it awaits the next prompt's encoding first): the bands' exchanges
+            # should wait for its transfers only, not for that.
+            self.session.follow_rank_zero("decode")
         with self.metrics.timed("decode_s", device), self.metrics.peak("decode", device):
-            return decode_latents(latents, self.vae, self.group if self.plan.vae_decode == "patch" else None)
+            return decode_latents(latents, self.vae, self.group if in_bands else None)
 
 
 class EncoderStage:
@@ -155,6 +160,7 @@ class EncoderStage:
                 image_embeds=self._image_inputs.get("image_embeds"),
                 condition=self._image_inputs.get("condition"),
             ))
+            log.info("video %d/%d: inputs handed over", job.index + 1, len(self.plan.videos))
             if self.handoff.handed_over == len(self.plan.videos):
                 self.close()
 
@@ -167,6 +173,7 @@ class EncoderStage:
             latents = self.handoff.take_latents()
             # The ordering rule: the next video is handed over before this one is decoded.
             self._hand_over_through(video.index + self.handoff.ahead)
+            log.info("video %d/%d: decoding", video.index + 1, len(plan.videos))
             frames = self.vae.decode(latents)
             with self.metrics.timed("write_s"):
                 write_video(frames, plan.out_dir / video.video, plan.sampling.frame_rate,

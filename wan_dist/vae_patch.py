@@ -130,11 +130,13 @@ class _Bands:
     def _all_gather(self, outs: list[torch.Tensor], x: torch.Tensor) -> None:
         dist.all_gather(outs, x, group=self.group)
 
+    # Batched even when alone: on nccl a batch runs on the group's communicator, a lone send/recv would
+    # create one for the pair, lazily and outside every timeout (session.new_group_with_timeout).
     def _send(self, x: torch.Tensor, dst: int) -> None:
-        dist.send(x, group=self.group, group_dst=dst)
+        self._p2p([(dist.isend, x, dst)])
 
     def _recv(self, x: torch.Tensor, src: int) -> None:
-        dist.recv(x, group=self.group, group_src=src)
+        self._p2p([(dist.irecv, x, src)])
 
     def row_counts(self, rows: int, device: torch.device) -> list[int]:
         counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(self.size)]

@@ -59,11 +59,12 @@ class Job:
 
 @contextmanager
 def torchrun(tmp_path: Path, t2v_folder: Path, *overrides: str, layout: tuple[str, ...] = ("parallel=cfg",),
-             nproc: int = 2, launcher_args: tuple[str, ...] = ()) -> Iterator[Job]:
+             nproc: int = 2, launcher_args: tuple[str, ...] = (),
+             run: tuple[str, ...] = tuple(LONG_RUN)) -> Iterator[Job]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WAN_DIST_CACHE": str(tmp_path / "cache")}
     out, log = tmp_path / "out", tmp_path / "torchrun.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           *launcher_args, "launch/generate.py", f"model.path={t2v_folder}", *layout, *LONG_RUN, *overrides, f"output.dir={out}",
+           *launcher_args, "launch/generate.py", f"model.path={t2v_folder}", *layout, *run, *overrides, f"output.dir={out}",
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     with open(log, "wb") as handle:
         # A session of its own, so teardown can reach every process it started.

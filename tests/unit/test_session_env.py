@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wan_dist.session import RankEnv, rank_env
+from wan_dist.errors import ConfigError
+from wan_dist.session import RankEnv, check_gpus_per_node, rank_env
 
 
 def test_torchrun_variables():
@@ -110,3 +111,16 @@ def test_slurm_step_task_count_wins_over_the_job_count():
     env = rank_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "2",
                     "SLURM_STEP_ID": "3", "SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n1"})
     assert (env.rank, env.world_size, env.launcher) == (1, 2, "slurm")
+
+
+def test_more_ranks_than_gpus_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as refused:
+        check_gpus_per_node(device_count=2, ranks_on_node=4)
+    message = str(refused.value)
+    assert message.startswith("4 ranks on this node but 2 GPUs: ")
+    assert "--nproc_per_node=2" in message and "\n" not in message
+
+
+def test_one_rank_per_gpu_or_fewer_is_fine():
+    check_gpus_per_node(device_count=2, ranks_on_node=2)
+    check_gpus_per_node(device_count=8, ranks_on_node=1)
