@@ -54,7 +54,13 @@ STOP_POINTS = [
 ]
 
 
-@pytest.mark.parametrize("point", STOP_POINTS, ids=lambda p: p.name)
+# `make test` stops each phase once, each rank at some phase, the bands included; `make test-slow` the
+# other rank at each phase too (each case is a run of 15-35 s).
+EVERY_PHASE_ONCE = {"loading_rank1", "handoff_rank0", "denoise_rank1", "decode_bands_rank0", "report_rank1"}
+
+
+@pytest.mark.parametrize("point", [pytest.param(p, id=p.name, marks=() if p.name in EVERY_PHASE_ONCE
+                                                else pytest.mark.slow) for p in STOP_POINTS])
 def test_stopped_peer_is_named(tmp_path, t2v_folder, point):
     with torchrun(tmp_path, t2v_folder, f"parallel.timeout_s={TIMEOUT_S}", layout=point.layout,
                   run=point.run) as job:
