@@ -43,7 +43,9 @@ def _measure(rank: int, world_size: int, cases: list[tuple]) -> dict[tuple, int]
         rotary = (torch.randn(1, local, 1, head_dim, generator=g), torch.randn(1, local, 1, head_dim, generator=g))
         with torch.no_grad():
             block(x, context, temb, rotary)  # the collectives' first-use buffers, outside the measurement
-            measured[case] = measure_peak_bytes(lambda: block(x, context, temb, rotary))
+            # The least of three: a gloo collective's buffers are let go by its own thread, which on a busy
+            # machine can come after the next allocations (seen: three shards' more on one rank, once).
+            measured[case] = min(measure_peak_bytes(lambda: block(x, context, temb, rotary)) for _ in range(3))
     return measured
 
 
