@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # One thread per rank unless asked otherwise: ranks share the cores (and torchrun warns when unset).
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install run test test-slow test-gpu bench sweep clean gpu-wheels gpu-check
+.PHONY: install run test test-full test-slow test-gpu bench sweep clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(TORCHRUN) --nproc_per_node=$(NPROC) launch/generate.py $(ARGS)
 
+# What CI runs: every layout, family, memory option, VAE mode and sampler at least once (tests/matrix.py
+# fails when one is covered by no case), each end-to-end claim once.
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not full" --durations=25 $(ARGS)
+
+# The whole cross product: every case of tests/matrix.py and every variant of the end-to-end tests.
+test-full: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" --durations=25 $(ARGS)
 
 # The real-size CPU tests (the 1.3B architecture sharded over two ranks: about 6 minutes).
