@@ -14,17 +14,12 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from wan_dist.building import build_tiny_model  # noqa: E402
-from wan_dist.presets import WAN22_EXPERTS, WAN22_TI2V, ModelSpec  # noqa: E402
+from wan_dist.presets import ModelSpec  # noqa: E402
 
-# One tiny folder per model family and task beyond Wan2.1's T2V and I2V, awkward on purpose: experts of
-# different depths, the 48-channel VAE, two images' CLIP tokens; a scheduler whose shift is not the
-# default preset's, so runs given only the folder must take the folder's, as diffusers' pipeline does.
-FAMILY_SPECS = {
-    "moe_t2v": ModelSpec(task="t2v", family=WAN22_EXPERTS, expert_layers=1, boundary_ratio=0.875),
-    "moe_i2v": ModelSpec(task="i2v", family=WAN22_EXPERTS, expert_layers=3, boundary_ratio=0.9, flow_shift=12.0),
-    "ti2v": ModelSpec(task="t2v", family=WAN22_TI2V),
-    "flf2v": ModelSpec(task="flf2v"),
-}
+from tests.matrix import FOLDER_SPECS  # noqa: E402
+
+# The families beyond Wan2.1's T2V and I2V (tests/matrix.py says why each is as it is).
+FAMILY_SPECS = {name: spec for name, spec in FOLDER_SPECS.items() if name not in ("t2v", "i2v")}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -155,3 +150,39 @@ def write_lightx2v_lora(folder: Path, path: Path, rank: int = 4, alpha: float = 
     adapt("head.head", inner, head_out, 0.1)
     save_file(tensors, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def matrix(request, t2v_folder, i2v_folder, family_folders, image_path, last_image_path, lora_path,
+           tmp_path_factory) -> dict:
+    """Every case of tests/matrix.py that this session's selected tests name (a `name` parameter or a
+    `cases(...)` mark), run in one spawned world per world size; {name: (case, out_dir)}."""
+    from tests.dist_utils import run_on_ranks
+    from tests.matrix import BY_NAME, QUEUE, TABLE, bind
+    from tests.modes import run_cases
+
+    wanted = set()
+    for item in request.session.items:
+        if "matrix" not in getattr(item, "fixturenames", ()):
+            continue
+        callspec = getattr(item, "callspec", None)
+        wanted |= {v for v in (callspec.params.values() if callspec else ()) if isinstance(v, str) and v in BY_NAME}
+        for mark in item.iter_markers("cases"):
+            wanted |= set(mark.args)
+    root = tmp_path_factory.mktemp("matrix")
+    queue = root / "prompts.txt"
+    queue.write_text("\n".join(QUEUE[:1] + [""] + QUEUE[1:]) + "\n")  # blank lines are skipped
+    moe = family_folders["moe_t2v"]
+    inputs = {"@image": str(image_path), "@last_image": str(last_image_path), "@lora": str(lora_path),
+              "@high_lora": str(write_random_lora(moe, root / "high.safetensors", seed=2)),
+              "@low_lora": str(write_random_lora(moe, root / "low.safetensors", seed=3, subfolder="transformer_2")),
+              "@lightx2v_lora": str(write_lightx2v_lora(t2v_folder, root / "lightx2v_4step.safetensors")),
+              "@queue": str(queue), "@embeddings": str(root / "embeddings")}
+    folders = {"t2v": str(t2v_folder), "i2v": str(i2v_folder), **{k: str(v) for k, v in family_folders.items()}}
+    results = {}
+    for world in sorted({entry.world for entry in TABLE}):
+        cases = [bind(entry.case, folders, inputs) for entry in TABLE if entry.world == world and entry.name in wanted]
+        if cases:
+            run_on_ranks(world, run_cases, cases, str(root), timeout=1200)
+            results.update({case.name: (case, root / case.name) for case in cases})
+    return results

@@ -5,15 +5,13 @@ group of an expert split."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import write_lightx2v_lora
-from tests.dist_utils import run_on_ranks
-from tests.modes import Case, run_cases
+from tests.matrix import DISTILLED, group, params
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
 from wan_dist.checks import check_loras, validate_run
 from wan_dist.config import RunConfig, compose_run
@@ -25,9 +23,9 @@ LIGHTX2V_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]
 
 @pytest.fixture(scope="module")
 def distilled_run(t2v_folder, tmp_path_factory) -> RunConfig:
+    """The experiment as tests/matrix.py's distilled cases run it."""
     lora = write_lightx2v_lora(t2v_folder, tmp_path_factory.mktemp("lightx2v") / "lightx2v_4step.safetensors")
-    return compose_run(["+experiment=distilled_4step", f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]",
-                        "height=32", "width=48", "num_frames=5"])
+    return compose_run([*DISTILLED, f"model.path={t2v_folder}", f"lora=[{{path: '{lora}', scale: 1.0}}]"])
 
 
 def test_experiment_sets_the_distilled_sampling(distilled_run):
@@ -60,39 +58,25 @@ def test_lightx2v_lora_passes_the_checks(distilled_run):
     check_loras(distilled_run, [read_component_config(distilled_run.model.path, "transformer")])  # the sizes
 
 
-@pytest.fixture(scope="module")
-def distilled_results(distilled_run, family_folders, tmp_path_factory) -> dict[str, tuple[Case, Path]]:
-    run = distilled_run
-    experiment = Case("experiment_ulysses", str(run.model.path), ulysses=2, prompt=run.prompt,
-                      negative_prompt=run.negative_prompt, height=run.height, width=run.width,
-                      num_frames=run.num_frames, steps=run.steps, guidance_scale=run.guidance_scale,
-                      flow_shift=run.flow_shift, scheduler=run.scheduler,
-                      lora=tuple((lora.path, lora.scale) for lora in run.lora))
-    cases = [experiment, replace(experiment, name="lcm_ring", ulysses=1, ring=2, scheduler="lcm_distill"),
-             # The low-noise group starts at the switch: its first fresh noise is that step's draw.
-             Case("lcm_expert_split", str(family_folders["moe_t2v"]), expert_split=True, steps=4,
-                  guidance_scale=1.0, scheduler="lcm_distill")]
-    root = tmp_path_factory.mktemp("distilled")
-    run_on_ranks(2, run_cases, cases, str(root), timeout=600)
-    return {case.name: (case, root / case.name / "frames.npy") for case in cases}
-
-
-@pytest.mark.parametrize("name", ["experiment_ulysses", "lcm_ring", "lcm_expert_split"])
-def test_distilled_matches_diffusers(distilled_results, name):
-    case, frames = distilled_results[name]
+@pytest.mark.parametrize("name", params(group("distilled")))
+def test_distilled_matches_diffusers(matrix, name):
+    case, out_dir = matrix[name]
+    frames = out_dir / "frames.npy"
     error = max_abs_error(frames, reference_frames(case.folder, **case.reference_kwargs()))
     assert error <= TOLERANCE, f"{name}: {error:.3g}"
 
 
-def test_the_lora_changes_the_video(distilled_results):
-    case, frames = distilled_results["experiment_ulysses"]
+@pytest.mark.cases("experiment_ulysses")
+def test_the_lora_changes_the_video(matrix):
+    case, out_dir = matrix["experiment_ulysses"]
+    frames = out_dir / "frames.npy"
     without = reference_frames(case.folder, **{**case.reference_kwargs(), "lora": ()})
     assert max_abs_error(frames, without) > 100 * TOLERANCE
 
 
-def test_fresh_noise_steps_change_the_video(distilled_results):
+@pytest.mark.cases("experiment_ulysses", "lcm_ring")
+def test_fresh_noise_steps_change_the_video(matrix):
     """Fresh-noise steps give other frames than Euler steps from the same start: matching diffusers with
     them means drawing its noise, step for step."""
-    _, euler = distilled_results["experiment_ulysses"]
-    _, fresh = distilled_results["lcm_ring"]
+    euler, fresh = (matrix[name][1] / "frames.npy" for name in ("experiment_ulysses", "lcm_ring"))
     assert max_abs_error(fresh, np.load(euler)) > 100 * TOLERANCE
