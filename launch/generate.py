@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -75,6 +76,9 @@ def _end_hung_rank(rank: int):
 
 @hydra.main(config_path="../conf", config_name="generate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    # What the imports made lives as long as the process: kept out of the collector's scans, so that the
+    # stages' gc.collect() between phases (what frees a released model's memory) costs milliseconds.
+    gc.freeze()
     env = rank_env()
     _quiet_other_ranks(env.rank)
     signal.signal(signal.SIGTERM, raise_terminated)
