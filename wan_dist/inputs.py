@@ -96,13 +96,13 @@ class ModelFacts:
     family: str
     task: str  # the run's: TI2V's is i2v or t2v by whether an image is given
     boundary_ratio: float | None  # two-expert models: where the low-noise expert takes over
-    # The component names of the plan (plan.SUBFOLDERS' keys) -> config.json: the VAE and each expert.
+    # "vae" and each expert ("dit", "dit_2": SUBFOLDERS' names) -> its config.json.
     configs: Mapping[str, dict[str, Any]]
     # Each component the run holds -> its safetensors header table (block and root bytes come from it).
     weights: Mapping[str, WeightTable]
     # Each expert -> the parameters layerwise casting stores in fp8 (model.dit_storage_dtype).
     cast_names: Mapping[str, frozenset[str]]
-    scheduler_config: Mapping[str, Any] | None  # None: the folder has none (a shapes-only folder)
+    scheduler_config: Mapping[str, Any] | None  # None: the folder has none
 
     @property
     def experts(self) -> tuple[str, ...]:

@@ -22,7 +22,8 @@ from .attention import choose_kernel
 from .checks import check_loras, check_model_limits, check_parallel
 from .config import LoraConfig, RunConfig, is_guided, lora_experts
 from .errors import fail
-# agreed_device_facts and DeviceFacts are named here too for the callers that plan from this module.
+# DeviceFacts and agreed_device_facts lived here before inputs.py: still named here for tests/dist, which
+# import them from this module.
 from .inputs import (  # noqa: F401
     EXPERT_COMPONENTS, SUBFOLDERS, DeviceFacts, Inputs, ModelFacts, agreed_device_facts,
 )
