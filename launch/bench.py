@@ -184,16 +184,18 @@ def refused_here(overrides: list[str], names: list[str]) -> dict[str, str]:
 
     from wan_dist.attention import device_capability
     from wan_dist.errors import ConfigError
-    from wan_dist.plan import DeviceFacts, build_plan
+    from wan_dist.inputs import DeviceFacts, prepare
+    from wan_dist.plan import resolve
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     facts = DeviceFacts(device.type, device_capability(device))
     refused = {}
     with tempfile.TemporaryDirectory() as out_dir:
         for name in names:
+            world_size = LAYOUTS[name].world_size
             try:
-                build_plan(_compose(overrides + [f"+layout={name}"]), world_size=LAYOUTS[name].world_size, rank=0,
-                           device=device, out_dir=out_dir, seed=0, facts_of_device=facts, choose=False)
+                run = _compose(overrides + [f"+layout={name}"])
+                resolve(run, prepare(run, facts, out_dir=out_dir, world_size=world_size), world_size)
             except ConfigError as error:
                 refused[name] = str(error)
     return refused

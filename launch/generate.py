@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import secrets
 import signal
 import sys
 import tempfile
@@ -34,8 +33,8 @@ from wan_dist.checks import validate_run  # noqa: E402
 from wan_dist.config import RunConfig, register_configs  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
 from wan_dist.hydra_errors import check_schema_keys, composition_error_line  # noqa: E402
-from wan_dist.plan import build_plan, write_plan  # noqa: E402
-from wan_dist.runner import generate  # noqa: E402
+from wan_dist.plan import write_plan  # noqa: E402
+from wan_dist.runner import generate, plan_job  # noqa: E402
 from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
 from wan_dist.sweep import shared_embedding_cache  # noqa: E402
 
@@ -98,16 +97,10 @@ def main(cfg: DictConfig) -> None:
             timeout_s=run.parallel.timeout_s, env=env, on_hang=_end_hung_rank(env.rank),
             store_prefix=f"wan_dist/job{OmegaConf.select(hydra_cfg, 'job.num', default=0)}",
         ) as session:
-            plan = build_plan(
-                run, world_size=session.world_size, rank=session.rank, device=session.device,
-                # Hydra resolves its run dir per process (the clock differs by rank): rank 0's is the one.
-                out_dir=session.agree(run.output.dir or hydra_cfg.runtime.output_dir),
-                # seed=-1 draws one; every rank must draw the same noise, so rank 0's draw is used.
-                seed=session.agree(run.seed if run.seed >= 0 else secrets.randbelow(2**31)),
-                agree=session.agree, least=session.least,
-                # What the user named is kept; the planner fills the rest to fit the GPU.
-                given=list(hydra_cfg.overrides.task),
-            )
+            # What the user named is kept; on a GPU the planner fills the rest to fit it. Hydra resolves its
+            # run dir per process (the clock differs by rank): rank 0's is the one.
+            plan = plan_job(run, session, given=list(hydra_cfg.overrides.task),
+                            out_dir=hydra_cfg.runtime.output_dir)
             if session.rank == 0:
                 log.info("%d rank(s): %s; outputs in %s", session.world_size, plan.dims.describe(), plan.out_dir)
             # Process-wide, so decided here, by the program, and before any weight is read. Sharded, the

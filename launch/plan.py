@@ -29,7 +29,8 @@ from wan_dist.config import compose_run  # noqa: E402
 from wan_dist.errors import ConfigError  # noqa: E402
 from wan_dist.loading import read_component_config  # noqa: E402
 from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
-from wan_dist.plan import DeviceFacts, JobPlan, build_plan  # noqa: E402
+from wan_dist.inputs import DeviceFacts, Inputs, prepare  # noqa: E402
+from wan_dist.plan import JobPlan  # noqa: E402
 from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
 from wan_dist.presets import MODEL_PRESETS  # noqa: E402
 
@@ -67,19 +68,9 @@ def _compose(overrides: list[str]):
     return run
 
 
-def plan_for(run, given: frozenset[str], world_size: int, gpu_gib: int, overrides: list[str]) -> Choice:
+def plan_for(run, inputs: Inputs, given: frozenset[str], world_size: int, gpu_gib: int) -> Choice:
     """The first of the planner's steps that fits (or the last one tried, which does not), and its plan."""
-    import torch
-
-    memory = gpu_gib * 2**30
-    facts = DeviceFacts("cuda", HOPPER, memory)
-    with tempfile.TemporaryDirectory() as out_dir:
-
-        def build(candidate, size: int) -> JobPlan:
-            return build_plan(candidate, world_size=size, rank=0, device=torch.device("cuda"), out_dir=out_dir,
-                              seed=0, facts_of_device=facts, given=overrides, choose=False)
-
-        return choose(run, given=given, world_size=world_size, memory_bytes=memory, build=build)
+    return choose(run, inputs, given=given, world_size=world_size, memory_bytes=gpu_gib * 2**30)
 
 
 def transfers(plan: JobPlan) -> list[dict]:
@@ -133,11 +124,18 @@ def main(argv: list[str]) -> int:
         overrides, settings = _split_args(argv)
         run = _compose(overrides)
         given = given_keys(run, overrides)
+        # One GPU kind for every size: the memory is the planner's question, asked of each size below.
+        with tempfile.TemporaryDirectory() as out_dir:
+            try:
+                inputs: Inputs | str = prepare(run, DeviceFacts("cuda", HOPPER), given=overrides, out_dir=out_dir)
+            except ConfigError as error:  # said in every row, as a layout no size suits
+                inputs = str(error)
         rows = []
         for world_size in settings["world_sizes"]:
             for gpu_gib in settings["gpu_memory_gib"]:
                 try:
-                    choice: Choice | str = plan_for(run, given, world_size, gpu_gib, overrides)
+                    choice: Choice | str = inputs if isinstance(inputs, str) else \
+                        plan_for(run, inputs, given, world_size, gpu_gib)
                 except ConfigError as error:  # this world size does not suit the layout given
                     choice = str(error)
                 rows.append(row(choice, world_size, gpu_gib))

@@ -12,8 +12,7 @@ import torch.distributed as dist
 
 from wan_dist.checks import validate_run
 from wan_dist.config import LoraConfig, RunConfig
-from wan_dist.plan import build_plan
-from wan_dist.runner import generate
+from wan_dist.runner import generate, plan_job
 from wan_dist.session import RankEnv, Session
 
 
@@ -105,7 +104,6 @@ def run_cases(rank: int, world_size: int, cases: list[Case], out_root: str,
     reports = []
     for case in cases:
         out_dir = Path(out_root) / case.name
-        plan = build_plan(case.run_config(out_dir), world_size=world_size, rank=rank, device=device,
-                          out_dir=out_dir, seed=0, agree=session.agree, least=session.least)
+        plan = plan_job(case.run_config(out_dir), session, out_dir=out_dir)
         reports.append(generate(plan, session))
     return reports

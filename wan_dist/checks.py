@@ -154,35 +154,51 @@ def check_model_limits(run: RunConfig, vae_config: dict, dit_config: dict) -> No
                   f"embeddings (it gives {size})")
 
 
-def check_loras(run: RunConfig, dit_configs: list[dict]) -> None:
+# A LoRA as the plan checks it: the shape of each of its transformer tensors (diffusers' key names), or why
+# diffusers cannot read it.
+LoraLayers = dict[str, tuple[int, ...]] | str
+
+
+def read_lora_layers(run: RunConfig) -> tuple[LoraLayers, ...]:
+    """Each of the run's LoRAs read once (small files), for check_loras."""
+    layers: list[LoraLayers] = []
+    for lora in run.lora:
+        try:
+            state_dict = read_lora_state_dict(lora.path)
+        except Exception as error:  # the converters raise assorted errors on foreign layouts
+            layers.append(f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
+            continue
+        layers.append({name: tuple(t.shape) for name, t in state_dict.items() if name.startswith("transformer.")})
+    return tuple(layers)
+
+
+def check_loras(run: RunConfig, dit_configs: list[dict], layers: tuple[LoraLayers, ...] | None = None) -> None:
     """Each LoRA fits the DiT (or each expert, `dit_configs` in expert order) it goes into: every layer it
-    adapts exists with matching sizes. Reads the LoRA files (small) and builds the DiTs on the meta device,
-    so no model weight is read."""
+    adapts exists with matching sizes. `layers`: the LoRAs as read_lora_layers read them (read here when
+    not given); the DiTs are built on the meta device, so no model weight is read."""
     if not run.lora:
         return
     import torch
     from diffusers import WanTransformer3DModel
 
+    layers = read_lora_layers(run) if layers is None else layers
     with torch.device("meta"):
         expert_modules = [dict(WanTransformer3DModel.from_config(config).named_modules()) for config in dit_configs]
     for i, lora in enumerate(run.lora):
         for expert in lora_experts(lora.expert):
             what = "this model" if len(dit_configs) == 1 else f"this model's {EXPERTS[expert].noise}-noise expert"
-            _check_lora_fits(i, lora.path, expert_modules[expert], what)
+            _check_lora_fits(i, lora.path, layers[i], expert_modules[expert], what)
 
 
-def _check_lora_fits(i: int, path: str, modules: dict[str, Any], what: str) -> None:
+def _check_lora_fits(i: int, path: str, layers: LoraLayers, modules: dict[str, Any], what: str) -> None:
     key = f"lora[{i}].path"
-    try:
-        state_dict = read_lora_state_dict(path)
-    except Exception as error:  # the converters raise assorted errors on foreign layouts
-        fail(key, path, f"a Wan LoRA diffusers can read ({type(error).__name__}: {error})".split("\n")[0])
-    names = [name for name in state_dict if name.startswith("transformer.")]
-    if not names:
+    if isinstance(layers, str):
+        fail(key, path, layers)
+    if not layers:
         fail(key, path, "a LoRA with Wan transformer weights (formats: diffusers, original Wan, musubi)")
-    for name in names:
+    for name, shape in layers.items():
         layer, _, kind = name[len("transformer."):].rpartition(".lora_")
-        module, shape = modules.get(layer), tuple(state_dict[name].shape)
+        module = modules.get(layer)
         if kind not in ("A.weight", "B.weight"):
             continue
         expected = getattr(module, "in_features" if kind == "A.weight" else "out_features", None)
@@ -251,32 +267,7 @@ def validate_run(run: RunConfig) -> RunFacts:
     if m.text_encoder_device not in DEVICES:
         fail("model.text_encoder_device", m.text_encoder_device, f"one of {', '.join(DEVICES)}")
 
-    p = run.parallel
-    # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
-    # refused before the process group starts.
-    check_degrees(p, guidance_scale=run.guidance_scale)
-    if p.fsdp_setting not in SWITCHES:
-        fail("parallel.fsdp", p.fsdp, f"one of {', '.join(SWITCHES)}")
-    for key in ("vae_decode", "vae_encode"):
-        if getattr(p, key) not in VAE_SPLITS:
-            fail(f"parallel.{key}", getattr(p, key), f"one of {', '.join(VAE_SPLITS)}")
-        if getattr(p, key) == "patch" and run.model.vae_tiling:
-            fail(f"parallel.{key}", "patch", "rank0 with model.vae_tiling=true (tiles blend their overlaps; the "
-                 "bands are exact and already bound each rank's memory: use one or the other)")
-    if p.expert_split:
-        if folder.family != WAN22_EXPERTS:
-            fail("parallel.expert_split", True, "false: only a two-expert model (Wan2.2 A14B) has experts to split the "
-                 f"DiT ranks between; this one is {folder.family}")
-        if p.fsdp_setting == "true":
-            fail("parallel.fsdp", p.fsdp, "false or auto with parallel.expert_split=true: each group holds its own "
-                 "expert whole, with no sharding traffic")
-        if p.vae_decode == "patch":
-            fail("parallel.vae_decode", "patch", "rank0 with parallel.expert_split=true (the groups are busy with "
-                 "different videos while rank 0 decodes)")
-    elif p.expert_ranks is not None:
-        fail("parallel.expert_ranks", list(p.expert_ranks), "unset without parallel.expert_split=true")
-    if p.timeout_s <= 0:
-        fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
+    check_parallel(run, folder.family)
 
     if run.height <= 0 or run.height % 16:
         fail("height", run.height, "a positive multiple of 16")
@@ -347,6 +338,37 @@ def validate_run(run: RunConfig) -> RunFacts:
     if run.embedding_cache and Path(run.embedding_cache).exists() and not os.path.isdir(run.embedding_cache):
         fail("embedding_cache", run.embedding_cache, "a folder")
     return RunFacts(task=task, family=folder.family, boundary_ratio=folder.boundary_ratio)
+
+
+def check_parallel(run: RunConfig, family: str) -> None:
+    """The parallel keys' rules that need no file: checked with the rest of the run, and again on each
+    layout the planner tries (planner.py), which edits only such keys."""
+    p = run.parallel
+    # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
+    # refused before the process group starts.
+    check_degrees(p, guidance_scale=run.guidance_scale)
+    if p.fsdp_setting not in SWITCHES:
+        fail("parallel.fsdp", p.fsdp, f"one of {', '.join(SWITCHES)}")
+    for key in ("vae_decode", "vae_encode"):
+        if getattr(p, key) not in VAE_SPLITS:
+            fail(f"parallel.{key}", getattr(p, key), f"one of {', '.join(VAE_SPLITS)}")
+        if getattr(p, key) == "patch" and run.model.vae_tiling:
+            fail(f"parallel.{key}", "patch", "rank0 with model.vae_tiling=true (tiles blend their overlaps; the "
+                 "bands are exact and already bound each rank's memory: use one or the other)")
+    if p.expert_split:
+        if family != WAN22_EXPERTS:
+            fail("parallel.expert_split", True, "false: only a two-expert model (Wan2.2 A14B) has experts to split the "
+                 f"DiT ranks between; this one is {family}")
+        if p.fsdp_setting == "true":
+            fail("parallel.fsdp", p.fsdp, "false or auto with parallel.expert_split=true: each group holds its own "
+                 "expert whole, with no sharding traffic")
+        if p.vae_decode == "patch":
+            fail("parallel.vae_decode", "patch", "rank0 with parallel.expert_split=true (the groups are busy with "
+                 "different videos while rank 0 decodes)")
+    elif p.expert_ranks is not None:
+        fail("parallel.expert_ranks", list(p.expert_ranks), "unset without parallel.expert_split=true")
+    if p.timeout_s <= 0:
+        fail("parallel.timeout_s", p.timeout_s, "a positive number of seconds")
 
 
 def _check_image(key: str, path: str | None, why: str) -> None:

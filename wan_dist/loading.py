@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,14 +90,20 @@ def load_vae(folder: Path, dtype: torch.dtype, device: torch.device, *, allow_pi
 
 
 def load_scheduler(folder: Path, kind: str, flow_shift: float, seed: int | None = None):
-    """The folder's scheduler config with Wan's flow shift; UniPC by default, flow-match Euler (on diffusers'
+    """The folder's scheduler (scheduler_from_config on its scheduler config)."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return scheduler_from_config(config, kind, flow_shift, seed)
+
+
+def scheduler_from_config(config: dict[str, Any], kind: str, flow_shift: float, seed: int | None = None):
+    """A scheduler config with Wan's flow shift; UniPC by default, flow-match Euler (on diffusers'
     spacing, or on the distilled LoRAs' training timesteps with Euler or fresh-noise steps) on request;
-    `seed` (the run's) seeds the fresh noise of `lcm_distill`."""
+    `seed` (the run's) seeds the fresh noise of `lcm_distill`. Reads no file, so the plan can count an
+    expert's steps from the config it read once."""
     from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
     from .schedulers import DistilledEulerScheduler
 
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     if kind == "euler":
         return FlowMatchEulerDiscreteScheduler.from_config(config, shift=flow_shift)
     if kind in ("euler_distill", "lcm_distill"):
@@ -263,10 +270,14 @@ def _rebuild_rotary_tables(model: torch.nn.Module, device: torch.device) -> None
 def build_transformer_on_meta(folder: Path, dtype: torch.dtype, subfolder: str = "transformer") -> torch.nn.Module:
     """The folder's DiT architecture (`subfolder`: the DiT or one expert) on the meta device (no memory),
     in `dtype` with the parameters the class keeps in fp32 kept so, as from_pretrained would load them."""
+    return transformer_on_meta(read_component_config(folder, subfolder), dtype)
+
+
+def transformer_on_meta(config: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(read_component_config(folder, subfolder))
+        model = WanTransformer3DModel.from_config(config)
     keep = _keeps_fp32("transformer", dtype)
     with torch.no_grad():
         for module_name, module in model.named_modules():
@@ -281,11 +292,19 @@ def build_transformer_on_meta(folder: Path, dtype: torch.dtype, subfolder: str =
 def layerwise_cast_parameters(folder: Path, storage_dtype: torch.dtype,
                               subfolder: str = "transformer") -> dict[str, torch.dtype]:
     """The DiT parameters diffusers' layerwise casting stores in `storage_dtype` (the leaf layers outside
-    the model's skip patterns), found by applying it to the architecture on the meta device: its own
-    rule, never restated here."""
-    model = build_transformer_on_meta(folder, torch.float32, subfolder)
-    model.enable_layerwise_casting(storage_dtype=storage_dtype, compute_dtype=torch.float32)
-    return {name: storage_dtype for name, p in model.named_parameters() if p.dtype == storage_dtype}
+    the model's skip patterns)."""
+    names = layerwise_cast_names(read_component_config(folder, subfolder))
+    return dict.fromkeys(names, storage_dtype)
+
+
+def layerwise_cast_names(config: dict[str, Any]) -> frozenset[str]:
+    """The names of the parameters layerwise casting stores in a narrower dtype, found by applying it to
+    the architecture of `config` on the meta device: its own rule, never restated here. Which layers it
+    casts does not depend on the storage dtype, so one set serves fp8_e4m3 and fp8_e5m2."""
+    storage = torch.float8_e4m3fn
+    model = transformer_on_meta(config, torch.float32)
+    model.enable_layerwise_casting(storage_dtype=storage, compute_dtype=torch.float32)
+    return frozenset(name for name, p in model.named_parameters() if p.dtype == storage)
 
 
 # The classes each weight component is read with, and the parameters each keeps in fp32 whatever dtype it
@@ -335,34 +354,57 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:
     return header
 
 
+@dataclass(frozen=True)
+class WeightTable:
+    """A component's tensors as its safetensors headers state them, in file and header order: (name,
+    safetensors dtype name, shape). A pickle-only component has no headers: `pickle_bytes` is its
+    files' size."""
+
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    pickle_bytes: int | None = None
+
+
+def read_weight_table(folder: str | Path, component: str) -> WeightTable:
+    """`component`'s weight table, from its headers alone (no tensor is read)."""
+    files = sorted((Path(folder) / component).glob("*.safetensors"))
+    if not files:
+        return WeightTable(pickle_bytes=sum(p.stat().st_size for p in (Path(folder) / component).iterdir()
+                                            if p.is_file() and p.suffix in PICKLE_SUFFIXES))
+    return WeightTable(tuple((name, info["dtype"], tuple(info["shape"]))
+                             for path in files for name, info in read_safetensors_header(path).items()))
+
+
 def component_weight_bytes(folder: str | Path, component: str, dtype: torch.dtype,
                            shard: tuple[int, int] | None = None, stored: dict[str, torch.dtype] | None = None,
                            prefix: str = "") -> int:
-    """The bytes a component's parameters take once loaded in `dtype`, from its safetensors headers alone
-    (no tensor is read): floating tensors in `dtype` unless the model class keeps them in fp32 or `stored`
-    names another dtype for them (layerwise_cast_parameters), the others as stored; with
-    `shard=(rank, ranks)`, only the rows FSDP2 gives that rank; with `prefix`, only the tensors whose
-    names start with it. Pickle-only components are sized from their files."""
+    """weight_bytes of the component's headers in `folder`."""
+    return weight_bytes(read_weight_table(folder, component), component, dtype, shard=shard, stored=stored,
+                        prefix=prefix)
+
+
+def weight_bytes(table: WeightTable, component: str, dtype: torch.dtype, *, shard: tuple[int, int] | None = None,
+                 stored: dict[str, torch.dtype] | None = None, prefix: str = "") -> int:
+    """The bytes a component's parameters take once loaded in `dtype`: floating tensors in `dtype` unless
+    the model class keeps them in fp32 or `stored` names another dtype for them (layerwise casting), the
+    others as stored; with `shard=(rank, ranks)`, only the rows FSDP2 gives that rank; with `prefix`, only
+    the tensors whose names start with it. Pickle-only components are sized from their files."""
+    if table.pickle_bytes is not None:
+        return table.pickle_bytes
     keep = _keeps_fp32(component, dtype)
-    files = sorted((Path(folder) / component).glob("*.safetensors"))
-    if not files:
-        return sum(p.stat().st_size for p in (Path(folder) / component).iterdir() if p.is_file()
-                   and p.suffix in PICKLE_SUFFIXES)
     total = 0
-    for path in files:
-        for name, info in read_safetensors_header(path).items():
-            if not name.startswith(prefix):
-                continue
-            shape = list(info["shape"])
-            if shard is not None and shape:
-                start, end = shard_rows(shape[0], *shard)
-                shape[0] = end - start
-            numel = math.prod(shape)
-            if stored and name in stored:
-                element = stored[name].itemsize
-            elif info["dtype"].startswith(("F", "BF")):
-                element = 4 if any(k in name.split(".") for k in keep) else dtype.itemsize
-            else:
-                element = SAFETENSORS_DTYPES[info["dtype"]].itemsize
-            total += numel * element
+    for name, kind, stated in table.tensors:
+        if not name.startswith(prefix):
+            continue
+        shape = list(stated)
+        if shard is not None and shape:
+            start, end = shard_rows(shape[0], *shard)
+            shape[0] = end - start
+        numel = math.prod(shape)
+        if stored and name in stored:
+            element = stored[name].itemsize
+        elif kind.startswith(("F", "BF")):
+            element = 4 if any(k in name.split(".") for k in keep) else dtype.itemsize
+        else:
+            element = SAFETENSORS_DTYPES[kind].itemsize
+        total += numel * element
     return total

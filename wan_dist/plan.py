@@ -1,33 +1,33 @@
 """The job plan: every decision of a run, made once on every rank before any weight is read.
 
-`build_plan` resolves the run config against the world (its size, the device) and the model folder (its
-configs and safetensors headers, never a tensor): the family and task, the layout, which rank holds which
-component in which dtype on which device and how many bytes that is, the attention kernel of each use, the
-latent shape, the prompts and output names. The checks that need the folder or the world run here, so a
-bad run stops before loading, on every rank alike. The stages only execute the plan; `dry_run=true` prints
-it and stops.
+`resolve` resolves the run config against the world size and the run's Inputs (inputs.py: the model
+folder's configs and safetensors headers, the device, the seed and output dir, all found out once by
+`prepare`): the family and task, the layout, which rank holds which component in which dtype on which
+device and how many bytes that is, the attention kernel of each use, the latent shape, the prompts and
+output names, each rank's predicted memory. It is pure (no file, no collective), so a bad run stops
+before loading on every rank alike, and the planner (planner.py) can resolve as many candidate layouts
+as it likes. The stages only execute the plan; `dry_run=true` prints it and stops.
 """
 
 from __future__ import annotations
 
 import copy
-import tempfile
-from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .attention import choose_kernel, device_capability, installed_kernel_libraries
-from .building import dit_num_heads, model_folder
-from .checks import check_loras, check_model_limits, read_prompts, validate_run
+from .attention import choose_kernel
+from .checks import check_loras, check_model_limits, check_parallel
 from .config import LoraConfig, RunConfig, is_guided, lora_experts
-from .errors import ConfigError, fail
-from .loading import (
-    STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters, load_scheduler, read_component_config,
-    resolve_dtype,
+from .errors import fail
+# DeviceFacts and agreed_device_facts lived here before inputs.py: still named here for tests/dist, which
+# import them from this module.
+from .inputs import (  # noqa: F401
+    EXPERT_COMPONENTS, SUBFOLDERS, DeviceFacts, Inputs, ModelFacts, agreed_device_facts,
 )
+from .loading import STORAGE_DTYPES_BY_NAME, resolve_dtype, scheduler_from_config, weight_bytes
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
 )
@@ -35,49 +35,15 @@ from .parallel_dims import ParallelDims, check_expert_split, check_sequence_leng
 from .pipeline import LatentShape, expert_step_counts, latent_shape
 from .presets import EXPERTS, IMAGE_TASKS
 from .sampling import SAMPLING_KEYS, SamplingPlan, resolve_sampling
-from .text_encoding import cpu_encoder_dtype, cpu_flags
+from .text_encoding import cpu_encoder_dtype
 from .video import output_names, write_json
 
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
 ENCODER_ROLE = "encoders+vae"
 DIT_ROLE = "dit"
-# Where each component's weights live in a diffusers-format folder.
-SUBFOLDERS = {**{expert.component: expert.subfolder for expert in EXPERTS}, "vae": "vae",
-              "text_encoder": "text_encoder", "image_encoder": "image_encoder"}
-# The DiT components: the one DiT, or a two-expert model's high-noise and low-noise experts.
-EXPERT_COMPONENTS = tuple(expert.component for expert in EXPERTS)
 # The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
 # cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
 ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
-
-
-@dataclass(frozen=True)
-class DeviceFacts:
-    """What the plan needs to know of the device: its kind, its compute capability (CUDA) and the memory
-    free for the run. Read from the device a run has; stated for a device a planner only imagines
-    (launch/plan.py)."""
-
-    type: str
-    capability: tuple[int, int] | None = None
-    memory_bytes: int | None = None
-
-    @staticmethod
-    def of(device: torch.device) -> "DeviceFacts":
-        if device.type != "cuda":
-            return DeviceFacts(device.type)
-        return DeviceFacts("cuda", device_capability(device), torch.cuda.mem_get_info(device)[0])
-
-
-def agreed_device_facts(own: DeviceFacts, *, agree: Callable[[Any], Any],
-                        least: Callable[[int], int]) -> DeviceFacts:
-    """The facts every rank plans with, from each rank's `own`: rank 0's device kind and capability, and
-    the least free memory of any rank (`least`: the minimum over the ranks), since one layout is planned
-    for all of them and it must fit the rank with the least room (another process may hold memory on
-    one GPU only)."""
-    agreed = agree(own)
-    if agreed.memory_bytes is None:
-        return agreed
-    return replace(agreed, memory_bytes=least(own.memory_bytes))
 
 
 @dataclass(frozen=True)
@@ -225,14 +191,14 @@ class JobPlan:
         return "\n".join(lines)
 
 
-def _predict_memory(plan: JobPlan, dit_configs: dict[str, dict], vae_config: dict,
-                    stored: dict[str, Collection[str] | None]) -> tuple[RankMemory, ...]:
+def _predict_memory(plan: JobPlan, facts: ModelFacts,
+                    stored: dict[str, dict[str, torch.dtype] | None]) -> tuple[RankMemory, ...]:
     """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
     live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
     (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
     from .vae_patch import decode_peak_bytes
 
-    dit_config = dit_configs["dit"]
+    dit_config, vae_config = facts.configs["dit"], facts.configs["vae"]
     dit = plan.components["dit"]
     b = dtype_bytes(dit.dtype)
     image = plan.components.get("image_encoder") is not None
@@ -253,9 +219,9 @@ def _predict_memory(plan: JobPlan, dit_configs: dict[str, dict], vae_config: dic
     block_and_root = {}
     for name in plan.experts:
         expert = plan.components[name]
-        block = component_weight_bytes(plan.folder, expert.subfolder, expert.dtype, stored=stored[name],
-                                       prefix="blocks.0.")
-        layers = dit_configs[name]["num_layers"]
+        block = weight_bytes(facts.weights[name], expert.subfolder, expert.dtype, stored=stored[name],
+                             prefix="blocks.0.")
+        layers = facts.configs[name]["num_layers"]
         block_and_root[name] = (block, expert.weight_bytes - layers * block)
     # FSDP: the running expert's block, the prefetched one and its root, gathered whole; one expert
     # runs at a time.
@@ -297,69 +263,27 @@ def expert_groups_json(dims: ParallelDims) -> dict[str, Any]:
                               for name, g in zip(EXPERT_COMPONENTS, dims.groups)]}
 
 
-def _identity(value: Any) -> Any:
-    return value
-
-
-def build_plan(
-    run: RunConfig, *, world_size: int, rank: int, device: torch.device, out_dir: str | Path, seed: int,
-    agree: Callable[[Any], Any] = _identity, least: Callable[[int], int] = _identity,
-    own_facts: DeviceFacts | None = None, facts_of_device: DeviceFacts | None = None,
-    given: Collection[str] = (), choose: bool = True,
-) -> JobPlan:
-    """Resolve `run` for this world. Called on every rank with the same arguments; `agree(value)` returns
-    rank 0's `value` on every rank (the session's broadcast), used where only rank 0 can find out (the
-    output dir it will write, the model it builds on first use, its GPU's kind); `least(value)` the
-    smallest of the ranks' values (the session's all-reduce), used for the free memory. Raises ConfigError
-    on every rank alike. `own_facts` stands in for what this rank reads of `device`; `facts_of_device` for
-    the facts agreed over the ranks (a planner's imagined GPU: no agreement).
-
-    On a GPU the planner (planner.py) fills what the user left open (`given`: the keys named on the
-    command line) with the first of its steps that fits the free memory, or stops here, before any weight
-    is read, naming the smallest change that would fit. `choose=False`: the plan of `run` as it is."""
-    device_facts = facts_of_device or agreed_device_facts(own_facts or DeviceFacts.of(device), agree=agree,
-                                                          least=least)
-    if choose and device_facts.type == "cuda":
-        from . import planner
-
-        def build(candidate: RunConfig, size: int) -> JobPlan:
-            return build_plan(candidate, world_size=size, rank=rank, device=device, out_dir=out_dir, seed=seed,
-                              agree=agree, facts_of_device=device_facts, given=given, choose=False)
-
-        keys = planner.given_keys(run, given)
-        memory = device_facts.memory_bytes
-        choice = planner.choose(run, given=keys, world_size=world_size, memory_bytes=memory, build=build)
-        if not choice.fits:
-            raise ConfigError(planner.refusal(run, choice, given=keys, world_size=world_size,
-                                              memory_bytes=memory, build=build))
-        return replace(choice.plan, added=choice.added)
-    facts = validate_run(run)
-    out_dir = Path(out_dir)
+def resolve(run: RunConfig, inputs: Inputs, world_size: int) -> JobPlan:
+    """`run` planned for `world_size` ranks from `inputs` (prepare's, for this run or a layout the planner
+    edited from it) alone: pure, so any rank, any number of times, comes to the same plan. Raises
+    ConfigError for a run this world or this model cannot take."""
+    facts, device_type = inputs.model, inputs.device.type
+    # The planner edits the parallel keys: their rules again, on the layout it tries.
+    check_parallel(run, facts.family)
     run = copy.deepcopy(run)
-    # The layout first: a bad one is refused before a built preset is built (its head count is known
-    # from the preset table until then).
-    # An expert split sizes its groups by the steps each expert runs, known once the folder is: until then
-    # only what the world size decides is checked.
     split = run.parallel.expert_split
     if split:
         check_expert_split(run.parallel, world_size)
+    dit_config, vae_config = facts.configs["dit"], facts.configs["vae"]
     dims = None if split else resolve_parallel_dims(
-        run.parallel, world_size=world_size, num_heads=dit_num_heads(run.model), guidance_scale=run.guidance_scale)
-    # Rank 0 finds out whether it can write the outputs, and only then builds a built preset, once, before
-    # the other ranks read it; the agreement is also what makes them wait for it.
-    problem = agree(_output_problem(out_dir) or _build_model(run) if rank == 0 else None)
-    if problem:
-        raise ConfigError(problem)
-    folder = model_folder(run.model)
-    sampling = resolve_sampling(run, preset=run.model.preset, given=given, folder=folder, seed=seed,
-                                drawn=run.seed < 0)
+        run.parallel, world_size=world_size, num_heads=dit_config["num_attention_heads"],
+        guidance_scale=run.guidance_scale)
+    sampling = resolve_sampling(run, preset=run.model.preset, given=inputs.overrides,
+                                scheduler_config=facts.scheduler_config, seed=inputs.seed, drawn=run.seed < 0)
     for key in SAMPLING_KEYS:
         setattr(run, key, getattr(sampling, key))
-    experts = EXPERT_COMPONENTS[:facts.experts]
-    vae_config = read_component_config(folder, "vae")
-    dit_configs = {name: read_component_config(folder, SUBFOLDERS[name]) for name in experts}
-    dit_config = dit_configs["dit"]
-    expert_steps = _expert_steps(run, folder, facts.boundary_ratio) if facts.boundary_ratio is not None else None
+    experts = facts.experts
+    expert_steps = _expert_steps(run, facts) if facts.boundary_ratio is not None else None
     if split:
         dims = resolve_parallel_dims(run.parallel, world_size=world_size, num_heads=dit_config["num_attention_heads"],
                                      guidance_scale=run.guidance_scale, expert_steps=expert_steps)
@@ -367,34 +291,35 @@ def build_plan(
     patch = tuple(dit_config["patch_size"])
     num_tokens = shape.num_tokens(patch)
     check_model_limits(run, vae_config, dit_config)
-    check_loras(run, list(dit_configs.values()))
+    check_loras(run, [facts.configs[name] for name in experts], inputs.loras)
     check_sequence_length(dims, num_tokens)
 
-    encoder_device = device if run.model.text_encoder_device == "gpu" else torch.device("cpu")
+    encoder_device = device_type if run.model.text_encoder_device == "gpu" else "cpu"
     # A CPU encoder beside a GPU DiT runs in bf16 where the CPU has native bf16 (text_encoding.py).
-    encoder_dtype = (cpu_encoder_dtype(run.model.text_encoder_dtype, dit_on_gpu=device.type == "cuda",
-                                       flags=cpu_flags()) if encoder_device.type == "cpu" else None) \
-        or resolve_dtype(run.model.text_encoder_dtype, encoder_device, gpu_default=torch.bfloat16)
+    encoder_dtype = (cpu_encoder_dtype(run.model.text_encoder_dtype, dit_on_gpu=device_type == "cuda",
+                                       flags=inputs.cpu_flags) if encoder_device == "cpu" else None) \
+        or resolve_dtype(run.model.text_encoder_dtype, torch.device(encoder_device), gpu_default=torch.bfloat16)
+    device = torch.device(device_type)
     dit_dtype = resolve_dtype(run.model.dit_dtype, device, gpu_default=torch.bfloat16)
     wanted = {
         "text_encoder": (encoder_dtype, encoder_device, (0,)),
         # With a banded decode or encode every rank holds the VAE (fp32 at full size: about 0.5 GB).
-        "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device,
+        "vae": (resolve_dtype(run.model.vae_dtype, device, gpu_default=torch.float32), device_type,
                 _vae_ranks(run, world_size, dims, vae_config, shape, facts.task in IMAGE_TASKS)),
         # Under an expert split each group holds only its expert (high noise first).
-        **{name: (dit_dtype, device, tuple(dims.groups[i].ranks if dims.expert_split else dims.dit_ranks))
+        **{name: (dit_dtype, device_type, tuple(dims.groups[i].ranks if dims.expert_split else dims.dit_ranks))
            for i, name in enumerate(experts)},
     }
-    # Only Wan2.1's image DiTs take CLIP image embeddings (Wan2.2 has no image encoder).
-    if facts.task in IMAGE_TASKS and dit_config.get("image_dim") is not None:
+    # prepare read an image encoder only where the DiT takes CLIP image embeddings (Wan2.1's image DiTs).
+    if "image_encoder" in facts.weights:
         wanted["image_encoder"] = (encoder_dtype, encoder_device, (0,))
-    storage_dtype, offload = _dit_storage(run, device)
-    stored = {name: layerwise_cast_parameters(folder, storage_dtype, SUBFOLDERS[name]) if storage_dtype else None
+    storage_dtype, offload = _dit_storage(run, device_type)
+    stored = {name: dict.fromkeys(facts.cast_names[name], storage_dtype) if storage_dtype else None
               for name in experts}
     components = {
-        name: ComponentPlan(name=name, dtype=dtype, device=where.type, ranks=ranks,
-                            weight_bytes=component_weight_bytes(folder, SUBFOLDERS[name], dtype,
-                                                                stored=stored.get(name)))
+        name: ComponentPlan(name=name, dtype=dtype, device=where, ranks=ranks,
+                            weight_bytes=weight_bytes(facts.weights[name], SUBFOLDERS[name], dtype,
+                                                      stored=stored.get(name)))
         for name, (dtype, where, ranks) in wanted.items()
     }
     for index, name in enumerate(experts):
@@ -403,12 +328,11 @@ def build_plan(
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
-    kernel = choose_kernel(run.attention, capability=device_facts.capability, dtype=dit_dtype,
-                           head_dim=int(dit_config["attention_head_dim"]), installed=installed_kernel_libraries())
-    prompts = read_prompts(run)
+    kernel = choose_kernel(run.attention, capability=inputs.device.capability, dtype=dit_dtype,
+                           head_dim=int(dit_config["attention_head_dim"]), installed=inputs.kernel_libraries)
     queued = run.prompts_file is not None
     videos = []
-    for index, prompt in enumerate(prompts):
+    for index, prompt in enumerate(inputs.prompts):
         video_name, frames_name = output_names(index, queued)
         videos.append(VideoPlan(index, prompt, video_name, frames_name if run.output.save_frames else None))
     fsdp = not offload and _resolve_fsdp(run.parallel.fsdp_setting, dims)
@@ -420,25 +344,26 @@ def build_plan(
         role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
         held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
         for name in experts if fsdp and "dit" in held else ():
-            held[name] = component_weight_bytes(folder, SUBFOLDERS[name], dit_dtype, stored=stored[name],
-                                                shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
+            held[name] = weight_bytes(facts.weights[name], SUBFOLDERS[name], dit_dtype, stored=stored[name],
+                                      shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
         ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
     plan = JobPlan(
-        config=run, folder=folder, family=facts.family, task=facts.task, world_size=world_size,
-        device_type=device.type, dims=dims, components=components,
+        config=run, folder=facts.folder, family=facts.family, task=facts.task, world_size=world_size,
+        device_type=device_type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
         vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape, patch=patch,
         num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
         negative_prompt=run.negative_prompt if is_guided(run.guidance_scale) else None, videos=tuple(videos),
-        out_dir=out_dir, seed=seed, sampling=sampling, ranks=tuple(ranks),
+        out_dir=inputs.out_dir, seed=inputs.seed, sampling=sampling, ranks=tuple(ranks),
     )
-    return replace(plan, memory=_predict_memory(plan, dit_configs, vae_config, stored))
+    return replace(plan, memory=_predict_memory(plan, facts, stored))
 
 
-def _expert_steps(run: RunConfig, folder: Path, boundary_ratio: float) -> tuple[int, int]:
+def _expert_steps(run: RunConfig, facts: ModelFacts) -> tuple[int, int]:
     """The steps each expert of a two-expert model runs, from the scheduler's timesteps for this run's
-    steps and shift (its config only); an expert split needs both to run."""
-    scheduler = load_scheduler(folder, run.scheduler, run.flow_shift)
+    steps and shift (built from the folder's scheduler config); an expert split needs both to run."""
+    boundary_ratio = facts.boundary_ratio
+    scheduler = scheduler_from_config(facts.scheduler_config, run.scheduler, run.flow_shift)
     scheduler.set_timesteps(run.steps)
     steps = expert_step_counts(scheduler.timesteps, boundary_ratio * scheduler.config.num_train_timesteps)
     if run.parallel.expert_split and 0 in steps:
@@ -448,12 +373,12 @@ def _expert_steps(run: RunConfig, folder: Path, boundary_ratio: float) -> tuple[
     return steps
 
 
-def _dit_storage(run: RunConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+def _dit_storage(run: RunConfig, device_type: str) -> tuple[torch.dtype | None, bool]:
     """fp8 storage runs wherever torch casts fp8 (CPU and CUDA alike). Block offload streams to a CUDA
     device; FSDP2 already splits the weights, and its own CPU offload is not wired to the sharded load."""
     model = run.model
-    if model.dit_offload == "block" and device.type != "cuda":
-        fail("model.dit_offload", model.dit_offload, f"none on {device.type}: block offload streams the DiT's "
+    if model.dit_offload == "block" and device_type != "cuda":
+        fail("model.dit_offload", model.dit_offload, f"none on {device_type}: block offload streams the DiT's "
              "blocks from CPU memory to a CUDA device, and here the DiT already runs from CPU memory")
     if model.dit_offload == "block" and run.parallel.fsdp_setting == "true":
         fail("model.dit_offload", model.dit_offload, "none with parallel.fsdp=true: each rank holds only its "
@@ -506,21 +431,6 @@ def _resolve_fsdp(setting: str, dims: ParallelDims) -> bool:
         fail("parallel.fsdp", True, f"false or auto with one DiT rank ({dims.describe()}): sharding needs at "
              "least two DiT ranks to split the weights over")
     return setting == "true"
-
-
-def _build_model(run: RunConfig) -> None:
-    model_folder(run.model)
-
-
-def _output_problem(out_dir: Path) -> str | None:
-    """Rank 0 writes the outputs: find out now, not after the denoise."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".probe-"):
-            pass
-    except OSError as error:
-        return f"output.dir={str(out_dir)!r} is not allowed: a folder this user can write ({error})"
-    return None
 
 
 def write_plan(plan: JobPlan, path: Path) -> None:

@@ -1,6 +1,6 @@
 """Which layout fits a GPU: the planner's steps, tried in order on the plan's memory model, each only if
-the previous one does not fit. `build_plan` runs it for a CUDA device with the ranks' least free memory
-(parallel=auto and every key left open), launch/plan.py for GPUs it imagines.
+the previous one does not fit. `plan_run` runs it for a CUDA device with the ranks' least free memory,
+launch/plan.py for GPUs it imagines.
 
 The steps, each applied only where the user left its keys open: the layout as given (`parallel=auto`:
 cfg when guided, then the sequence axes), unsharded; the DiT sharded over the DiT ranks (FSDP2); also the
@@ -8,44 +8,73 @@ VAE decode in bands over every rank; all ranks on the sequence axes (usp) instea
 with the bands; a stage split (the VAE alone on rank 0) with the DiT sharded; usp with the DiT's blocks
 streamed from host memory (block offload, slower but lossless). fp8 storage is lossy, so never a step: it
 is only named when nothing else would fit.
+
+Every candidate is `resolve`d from the same Inputs: no file is read and no rank is asked again.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 
 from .config import RunConfig
 from .errors import ConfigError
+from .inputs import Inputs
+from .plan import JobPlan, resolve
 from .sampling import named_keys
-
-if TYPE_CHECKING:
-    from .plan import JobPlan
 
 # Of the memory a GPU has free when the run starts; the rest for the allocator's fragmentation and the
 # kernels' workspaces.
 USABLE = 0.9
-# What the planner may add, in order, when the user left the keys open: (keys it sets, overrides).
-STEPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
-    ((), ()),
-    (("parallel.fsdp",), ("parallel.fsdp=true",)),
-    (("parallel.fsdp", "parallel.vae_decode"), ("parallel.fsdp=true", "parallel.vae_decode=patch")),
-    # Every rank on the sequence instead of a cfg axis: each holds 1/W of the tokens' activations.
-    (("parallel", "parallel.cfg_degree", "parallel.fsdp", "parallel.vae_decode"),
-     ("parallel=usp", "parallel.fsdp=true", "parallel.vae_decode=patch")),
-    (("parallel", "parallel.stage_split", "parallel.fsdp"), ("parallel=stage_split", "parallel.fsdp=true")),
-    # Last: the DiT's blocks streamed from host memory (slower, still lossless).
-    (("parallel", "parallel.cfg_degree", "model.dit_offload", "parallel.vae_decode"),
-     ("parallel=usp", "model.dit_offload=block", "parallel.vae_decode=patch")),
-)
-# Named only when no lossless step fits.
-FP8 = "model.dit_storage_dtype=fp8_e4m3"
 # How many times the world size a refusal looks for more GPUs that would fit.
 MORE_GPUS = (2, 4, 8)
 
-Build = Callable[[RunConfig, int], "JobPlan"]
+
+@dataclass(frozen=True)
+class Step:
+    """One edit the planner may make to a run: the values it sets (None: left as the run has it), and
+    `keys`, the keys that, when the user set any of them, rule the step out (a preset also stands for the
+    degrees it would fill)."""
+
+    keys: tuple[str, ...] = ()
+    parallel: str | None = None  # a parallel preset
+    fsdp: str | None = None
+    dit_offload: str | None = None
+    vae_decode: str | None = None
+    dit_storage_dtype: str | None = None
+
+    def apply(self, run: RunConfig) -> RunConfig:
+        """A copy of `run` with this step's values (`parallel`: the preset only, the degrees as they were)."""
+        parallel = {key: value for key, value in (("preset", self.parallel), ("fsdp", self.fsdp),
+                                                  ("vae_decode", self.vae_decode)) if value is not None}
+        model = {key: value for key, value in (("dit_offload", self.dit_offload),
+                                               ("dit_storage_dtype", self.dit_storage_dtype)) if value is not None}
+        return replace(run, parallel=replace(run.parallel, **parallel), model=replace(run.model, **model))
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        """The step as the overrides a user would type for it (the plan table, plan.json, refusals)."""
+        said = (("model.dit_storage_dtype", self.dit_storage_dtype), ("parallel", self.parallel),
+                ("parallel.fsdp", self.fsdp), ("model.dit_offload", self.dit_offload),
+                ("parallel.vae_decode", self.vae_decode))
+        return tuple(f"{key}={value}" for key, value in said if value is not None)
+
+
+# What the planner may add, in order, when the user left the keys open.
+STEPS: tuple[Step, ...] = (
+    Step(),
+    Step(("parallel.fsdp",), fsdp="true"),
+    Step(("parallel.fsdp", "parallel.vae_decode"), fsdp="true", vae_decode="patch"),
+    # Every rank on the sequence instead of a cfg axis: each holds 1/W of the tokens' activations.
+    Step(("parallel", "parallel.cfg_degree", "parallel.fsdp", "parallel.vae_decode"),
+         parallel="usp", fsdp="true", vae_decode="patch"),
+    Step(("parallel", "parallel.stage_split", "parallel.fsdp"), parallel="stage_split", fsdp="true"),
+    # Last: the DiT's blocks streamed from host memory (slower, still lossless).
+    Step(("parallel", "parallel.cfg_degree", "model.dit_offload", "parallel.vae_decode"),
+         parallel="usp", dit_offload="block", vae_decode="patch"),
+)
+# Named only when no lossless step fits.
+FP8 = Step(("model.dit_storage_dtype",), dit_storage_dtype="fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -54,7 +83,7 @@ class Choice:
     None when no step applied) and whether it fits."""
 
     added: tuple[str, ...]
-    plan: "JobPlan | None"
+    plan: JobPlan | None
     fits: bool
 
 
@@ -70,49 +99,58 @@ def given_keys(run: RunConfig, overrides: Collection[str] = ()) -> frozenset[str
     value) or holding something other than the schema's default (a config file set it)."""
     named = named_keys(overrides)
     default = RunConfig()
-    keys = {key for step_keys, _ in STEPS for key in step_keys} | {FP8.split("=")[0]}
+    keys = {key for step in (*STEPS, FP8) for key in step.keys}
     return frozenset(named | {key for key in keys if _value(run, key) != _value(default, key)})
 
 
-def apply(run: RunConfig, overrides: Collection[str]) -> RunConfig:
-    """A copy of `run` with the planner's overrides set (`parallel=<preset>` picks a parallel preset)."""
-    run = copy.deepcopy(run)
-    for override in overrides:
-        key, value = override.split("=", 1)
-        *path, name = ("parallel.preset" if key == "parallel" else key).split(".")
-        node: object = run
-        for part in path:
-            node = getattr(node, part)
-        setattr(node, name, value)
-    return run
-
-
-def fits(plan: "JobPlan", memory_bytes: int) -> bool:
+def fits(plan: JobPlan, memory_bytes: int) -> bool:
     return max(memory.peak for memory in plan.memory) <= USABLE * memory_bytes
 
 
-def choose(run: RunConfig, *, given: Collection[str], world_size: int, memory_bytes: int, build: Build) -> Choice:
+def choose(run: RunConfig, inputs: Inputs, *, given: Collection[str], world_size: int,
+           memory_bytes: int) -> Choice:
     """The first step that fits on `world_size` GPUs of `memory_bytes` each. The run as given must plan
     (its ConfigError is the user's); a later step whose plan is refused (sharding with one DiT rank, more
     bands than latent rows) does not apply here."""
     tried = Choice((), None, False)
-    for keys, extra in STEPS:
-        if any(key in given for key in keys):
+    for step in STEPS:
+        if any(key in given for key in step.keys):
             continue
         try:
-            plan = build(apply(run, extra), world_size)
+            plan = resolve(step.apply(run), inputs, world_size)
         except ConfigError:
-            if not extra:
+            if step == Step():
                 raise
             continue
-        tried = Choice(extra, plan, fits(plan, memory_bytes))
+        tried = Choice(step.overrides, plan, fits(plan, memory_bytes))
         if tried.fits:
             break
     return tried
 
 
-def refusal(run: RunConfig, choice: Choice, *, given: Collection[str], world_size: int, memory_bytes: int,
-            build: Build) -> str:
+def fit(run: RunConfig, inputs: Inputs, world_size: int, given: Collection[str] | None = None) -> JobPlan:
+    """The plan of the first step that fits the device's free memory (inputs.device: the least of any
+    rank's), with what it added; or a ConfigError naming the smallest change that would fit. `given`: the
+    planner's keys the user set (given_keys of the overrides prepare was given, unless stated)."""
+    keys = given_keys(run, inputs.overrides) if given is None else frozenset(given)
+    memory = inputs.device.memory_bytes
+    choice = choose(run, inputs, given=keys, world_size=world_size, memory_bytes=memory)
+    if not choice.fits:
+        raise ConfigError(refusal(run, inputs, choice, given=keys, world_size=world_size, memory_bytes=memory))
+    return replace(choice.plan, added=choice.added)
+
+
+def plan_run(run: RunConfig, inputs: Inputs, world_size: int, given: Collection[str] | None = None) -> JobPlan:
+    """The plan a run gets: on a GPU the planner fills what the user left open (`parallel=auto` and every
+    key not given) to fit the free memory; elsewhere the run as it is (the planner never shards or
+    offloads on a CPU)."""
+    if inputs.device.type == "cuda":
+        return fit(run, inputs, world_size, given)
+    return resolve(run, inputs, world_size)
+
+
+def refusal(run: RunConfig, inputs: Inputs, choice: Choice, *, given: Collection[str], world_size: int,
+            memory_bytes: int) -> str:
     """One line: what was tried and its peak, then the smallest change that would fit: a lossless key the
     user pinned, left to the planner; more GPUs; fp8 storage (lossy)."""
     gib = 2**30
@@ -129,7 +167,7 @@ def refusal(run: RunConfig, choice: Choice, *, given: Collection[str], world_siz
 
     def fitting(candidate: RunConfig, keys: Collection[str], size: int) -> Choice | None:
         try:
-            found = choose(candidate, given=keys, world_size=size, memory_bytes=memory_bytes, build=build)
+            found = choose(candidate, inputs, given=keys, world_size=size, memory_bytes=memory_bytes)
         except ConfigError:  # e.g. a degree the larger world does not divide
             return None
         return found if found.fits else None
@@ -144,9 +182,9 @@ def refusal(run: RunConfig, choice: Choice, *, given: Collection[str], world_siz
         more = next((world_size * times for times in MORE_GPUS if fitting(run, given, world_size * times)), None)
         if more:
             options.append(f"on {more} such GPUs")
-    fp8 = fitting(apply(run, [FP8]), given, world_size) if FP8.split("=")[0] not in given else None
+    fp8 = fitting(FP8.apply(run), given, world_size) if not set(FP8.keys) & set(given) else None
     if fp8:
-        options.append(f"with {' '.join((FP8, *fp8.added))} (lossy: changes the output)")
+        options.append(f"with {' '.join((*FP8.overrides, *fp8.added))} (lossy: changes the output)")
     remedy = f"it would fit {' or '.join(options)}" if options else \
         "no layout, GPU count or storage dtype the planner knows fits: a GPU with more memory"
     return f"{setting} does not fit {where}: {said}; {remedy}"

@@ -1,4 +1,5 @@
-"""One generation run on every rank: the plan's stages for this rank, run to the end, then the report.
+"""One generation run on every rank: its plan (prepare over the ranks, then resolve or the planner), the
+plan's stages for this rank, run to the end, then the report.
 
 Roles (decided by the plan): rank 0 holds the text encoder, the I2V image encoder and the VAE, and writes
 the outputs; the DiT ranks (all ranks, or 1..N-1 with a stage split) hold the DiT, split among themselves
@@ -10,19 +11,36 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
+from .config import RunConfig
+from .inputs import Agreement, DeviceFacts, prepare
 from .metrics import RankMetrics
 from .plan import JobPlan, expert_groups_json
+from .planner import plan_run
 from .session import Session, new_group_with_timeout
 from .stage_split import Handoff
 from .stages import DitStage, EncoderStage, VaeWork, run_stages
 from .video import write_json
 
 log = logging.getLogger(__name__)
+
+
+def plan_job(run: RunConfig, session: Session, *, given: Collection[str] = (),
+             out_dir: str | Path | None = None) -> JobPlan:
+    """`run`'s plan on every rank of `session`, alike: its Inputs agreed over the ranks (rank 0 finds out
+    what only it can), then planned for the session's world. `given`: the Hydra overrides the user typed;
+    `out_dir`: where the outputs go when `output.dir` is unset (rank 0's is the one)."""
+    agreement = Agreement(first=lambda find: session.agree(find() if session.rank == 0 else None),
+                          least=session.least)
+    inputs = prepare(run, DeviceFacts.of(session.device), agreement, given=given, out_dir=out_dir,
+                     world_size=session.world_size)
+    return plan_run(run, inputs, session.world_size)
 
 
 def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:

@@ -9,7 +9,7 @@ only `model.path=` so samples as diffusers' pipeline samples that folder, not as
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -54,13 +54,17 @@ class SamplingPlan(Sampling):
         return {key: {"value": value, "source": self.sources[key]} for key, value in values.items()}
 
 
-def folder_sampling(folder: Path) -> dict[str, Any]:
-    """What a diffusers-format folder says of its own sampling: the scheduler it names, and that scheduler's
-    flow shift (none for a folder without a scheduler config, such as a shapes-only planning folder)."""
+def read_scheduler_config(folder: Path) -> dict[str, Any] | None:
+    """The folder's scheduler config, or None for a folder without one (such as a shapes-only planning
+    folder)."""
     path = folder / SCHEDULER_CONFIG
-    if not path.is_file():
-        return {}
-    config = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def folder_sampling(scheduler_config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a diffusers-format folder says of its own sampling, from its scheduler config: the scheduler
+    it names, and that scheduler's flow shift."""
+    config = scheduler_config or {}
     kind = SCHEDULER_CLASSES.get(config.get("_class_name", ""))
     if kind is None:
         return {}
@@ -75,16 +79,16 @@ def named_keys(overrides: Collection[str]) -> frozenset[str]:
     return frozenset(o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o)
 
 
-def resolve_sampling(run: RunConfig, *, preset: str, given: Collection[str], folder: Path, seed: int,
-                     drawn: bool = False) -> SamplingPlan:
+def resolve_sampling(run: RunConfig, *, preset: str, given: Collection[str],
+                     scheduler_config: Mapping[str, Any] | None, seed: int, drawn: bool = False) -> SamplingPlan:
     """`run`'s sampling keys resolved by the rule above. `preset`: the run's model preset; `given`: the
     Hydra overrides the user typed (a key not named there counts as set when it differs from what the
-    preset puts there, so a config file set it); `seed`: the agreed seed, `drawn` when the user asked for
-    a random one."""
+    preset puts there, so a config file set it); `scheduler_config`: the folder's (read_scheduler_config);
+    `seed`: the agreed seed, `drawn` when the user asked for a random one."""
     named = named_keys(given)
     chosen = preset if {"model", "model.preset"} & named or preset != ModelConfig.preset else None
     baseline = {**asdict(MODEL_PRESETS[preset].sampling), "scheduler": DEFAULT_SCHEDULER}
-    from_folder = folder_sampling(folder)
+    from_folder = folder_sampling(scheduler_config)
     values, sources = {}, {}
     for key in SAMPLING_KEYS:
         value = getattr(run, key)

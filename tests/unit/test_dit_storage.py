@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.planning import plan_of
 from wan_dist.checks import validate_run
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
+from wan_dist.inputs import DeviceFacts
 from wan_dist.loading import STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters
 from wan_dist.loading import load_transformer, parameter_bytes
-from wan_dist.plan import DeviceFacts, build_plan
 
 CPU = torch.device("cpu")
 
@@ -43,7 +44,7 @@ def test_planned_fp8_bytes_are_what_layerwise_casting_holds(tmp_path, i2v_folder
     their own dtype: exactly the bytes a loaded DiT holds after diffusers' enable_layerwise_casting."""
     run = run_for(i2v_folder, dit_dtype=dit_dtype, dit_storage_dtype=storage)
     run.image = str(image_path)
-    plan = build_plan(run, world_size=1, rank=0, device=CPU, out_dir=tmp_path, seed=0)
+    plan = plan_of(run, 1, tmp_path)
     dit = plan.components["dit"]
     assert dit.storage_dtype == STORAGE_DTYPES_BY_NAME[storage]
     model = load_transformer(i2v_folder, dit.dtype, CPU)
@@ -65,8 +66,7 @@ def test_sharded_fp8_bytes_add_up_to_the_replica(i2v_folder):
 
 def test_offload_is_refused_where_the_device_cannot_stream(tmp_path, t2v_folder):
     with pytest.raises(ConfigError) as error:
-        build_plan(run_for(t2v_folder, dit_offload="block"), world_size=1, rank=0, device=CPU,
-                   out_dir=tmp_path, seed=0)
+        plan_of(run_for(t2v_folder, dit_offload="block"), 1, tmp_path)
     assert str(error.value).startswith("model.dit_offload='block' is not allowed: none on cpu")
     assert "\n" not in str(error.value)
 
@@ -77,8 +77,7 @@ def test_offload_with_fsdp_is_refused(tmp_path, t2v_folder):
     run.parallel.preset, run.guidance_scale = "cfg", 5.0
     with pytest.raises(ConfigError) as error:
         # A GPU the plan only imagines (this machine has none): an 80 GB Hopper.
-        build_plan(run, world_size=2, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0,
-                   facts_of_device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
+        plan_of(run, 2, tmp_path, device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
     assert str(error.value).startswith("model.dit_offload='block' is not allowed: none with parallel.fsdp=true")
 
 
@@ -86,8 +85,7 @@ def test_compile_with_offload_is_refused(tmp_path, t2v_folder):
     run = run_for(t2v_folder, dit_offload="block")
     run.compile = True
     with pytest.raises(ConfigError) as error:
-        build_plan(run, world_size=1, rank=0, device=torch.device("cuda", 0), out_dir=tmp_path, seed=0,
-                   facts_of_device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
+        plan_of(run, 1, tmp_path, device=DeviceFacts("cuda", (9, 0), 80 * 2**30))
     message = str(error.value)
     assert message.startswith("compile=True is not allowed: false with model.dit_offload=block")
     assert "model.dit_offload=none" in message and "\n" not in message

@@ -4,14 +4,11 @@ all before any weight is read."""
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.planning import plan_of
 from wan_dist.checks import validate_run
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
-from wan_dist.plan import build_plan
-
-CPU = torch.device("cpu")
 
 
 def split_run(folder, **parallel) -> RunConfig:
@@ -25,7 +22,7 @@ def split_run(folder, **parallel) -> RunConfig:
 
 
 def plan_for(run: RunConfig, world_size: int, tmp_path):
-    return build_plan(run, world_size=world_size, rank=0, device=CPU, out_dir=tmp_path, seed=0)
+    return plan_of(run, world_size, tmp_path)
 
 
 def test_each_group_holds_only_its_expert(tmp_path, family_folders):

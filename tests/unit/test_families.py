@@ -8,16 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.conftest import write_random_lora
+from tests.planning import plan_of
 from wan_dist.checks import read_folder_facts, validate_run
 from wan_dist.config import LoraConfig, RunConfig
 from wan_dist.errors import ConfigError
-from wan_dist.plan import build_plan
 from wan_dist.presets import MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V
-
-CPU = torch.device("cpu")
 
 
 def run_on(folder: Path, **fields) -> RunConfig:
@@ -31,7 +28,7 @@ def run_on(folder: Path, **fields) -> RunConfig:
 def refused(run: RunConfig, *fragments: str, plan: bool = False, tmp_path: Path | None = None) -> None:
     with pytest.raises(ConfigError) as info:
         if plan:
-            build_plan(run, world_size=1, rank=0, device=CPU, out_dir=tmp_path, seed=0)
+            plan_of(run, 1, tmp_path)
         else:
             validate_run(run)
     message = str(info.value)
@@ -108,8 +105,7 @@ def test_a_lora_must_fit_the_expert_it_goes_into(family_folders, tmp_path):
     """moe_t2v's high-noise expert has 2 blocks, its low-noise one 1: a LoRA for 2 blocks fits only high."""
     folder = family_folders["moe_t2v"]
     lora = str(write_random_lora(folder, tmp_path / "lora.safetensors"))
-    build_plan(run_on(folder, lora=[LoraConfig(path=lora, expert="high")]), world_size=1, rank=0, device=CPU,
-               out_dir=tmp_path / "ok", seed=0)
+    plan_of(run_on(folder, lora=[LoraConfig(path=lora, expert="high")]), 1, tmp_path / "ok")
     refused(run_on(folder, lora=[LoraConfig(path=lora, expert="both")]), "lora[0].path=",
             "low-noise expert", "blocks.1.attn1", "has no such layer", plan=True, tmp_path=tmp_path / "out")
 
@@ -120,8 +116,7 @@ def test_ti2v_size_its_vae_cannot_take(family_folders, tmp_path):
 
 
 def test_the_plan_holds_both_experts_and_no_image_encoder_for_wan22_i2v(family_folders, image_path, tmp_path):
-    plan = build_plan(run_on(family_folders["moe_i2v"], image=str(image_path)), world_size=1, rank=0,
-                      device=CPU, out_dir=tmp_path, seed=0)
+    plan = plan_of(run_on(family_folders["moe_i2v"], image=str(image_path)), 1, tmp_path)
     assert plan.experts == ("dit", "dit_2") and plan.boundary_ratio == 0.9
     assert "image_encoder" not in plan.components
     assert plan.components["dit_2"].subfolder == "transformer_2"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.planning import plan_of
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
 from wan_dist.memory import block_activation_bytes, measure_peak_bytes
-from wan_dist.plan import build_plan
 
 
 @pytest.mark.parametrize("heads, head_dim, ffn", [(8, 64, 2048), (8, 64, 512), (12, 64, 4480)])
@@ -48,15 +48,15 @@ def test_sharding_needs_two_dit_ranks(tmp_path, t2v_folder):
     run = RunConfig()
     run.model.path, run.parallel.fsdp = str(t2v_folder), "true"
     with pytest.raises(ConfigError, match="parallel.fsdp=True is not allowed.*two DiT ranks"):
-        build_plan(run, world_size=1, rank=0, device=torch.device("cpu"), out_dir=tmp_path, seed=0)
+        plan_of(run, 1, tmp_path)
     run.parallel.preset = "stage_split"
     with pytest.raises(ConfigError, match="parallel.fsdp"):
-        build_plan(run, world_size=2, rank=0, device=torch.device("cpu"), out_dir=tmp_path, seed=0)
+        plan_of(run, 2, tmp_path)
 
 
 def test_auto_never_shards_on_cpu(tmp_path, t2v_folder):
     run = RunConfig()
     run.model.path = str(t2v_folder)
-    plan = build_plan(run, world_size=2, rank=0, device=torch.device("cpu"), out_dir=tmp_path, seed=0)
+    plan = plan_of(run, 2, tmp_path)
     assert plan.fsdp is False
     assert all(m.gather_buffers == 0 for m in plan.memory)

@@ -8,10 +8,10 @@ import dataclasses
 import pytest
 import torch
 
+from tests.planning import plan_of
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
 from wan_dist.loading import load_image_encoder, load_text_encoder, load_transformer, load_vae, parameter_bytes
-from wan_dist.plan import build_plan
 
 CPU = torch.device("cpu")
 
@@ -26,8 +26,8 @@ def run_for(folder, **fields) -> RunConfig:
 
 def test_plan_of_a_stage_split(tmp_path, t2v_folder):
     run = run_for(t2v_folder, height=48, width=80)
-    run.parallel.preset = "stage_split"
-    plan = build_plan(run, world_size=3, rank=0, device=CPU, out_dir=tmp_path, seed=7)
+    run.parallel.preset, run.seed = "stage_split", 7
+    plan = plan_of(run, 3, tmp_path)
     assert (plan.family, plan.task, plan.seed) == ("wan2.1", "t2v", 7)
     assert plan.dims.stage_split and plan.dims.dit_ranks == [1, 2]
     assert [r.role for r in plan.ranks] == ["encoders+vae", "dit", "dit"]
@@ -44,7 +44,7 @@ def test_plan_refuses_before_loading(tmp_path, t2v_folder):
     run = run_for(t2v_folder, height=48, width=80)
     run.parallel.preset = "ulysses"
     with pytest.raises(ConfigError, match="DiT tokens"):
-        build_plan(run, world_size=64, rank=0, device=CPU, out_dir=tmp_path, seed=0)
+        plan_of(run, 64, tmp_path)
 
 
 @pytest.mark.parametrize("dit_dtype", ["fp32", "bf16", "fp16"])
@@ -54,7 +54,7 @@ def test_predicted_weight_bytes_are_what_is_loaded(tmp_path, i2v_folder, image_p
     run = run_for(i2v_folder, image=str(image_path), height=48, width=80)
     run.model.dit_dtype = dit_dtype
     run.model.text_encoder_dtype = "fp16" if dit_dtype == "fp16" else "fp32"
-    plan = build_plan(run, world_size=1, rank=0, device=CPU, out_dir=tmp_path, seed=0)
+    plan = plan_of(run, 1, tmp_path)
     c = plan.components
     loaded = {
         "dit": load_transformer(i2v_folder, c["dit"].dtype, CPU),

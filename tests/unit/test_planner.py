@@ -5,15 +5,14 @@ of bf16 weights are most of a rank's memory."""
 from __future__ import annotations
 
 import pytest
-import torch
 
+from tests.planning import plan_of
 from wan_dist.building import ensure_shapes_folder
 from wan_dist.config import RunConfig
 from wan_dist.errors import ConfigError
-from wan_dist.plan import DeviceFacts, JobPlan, build_plan
-from wan_dist.planner import STEPS, USABLE, apply, given_keys
-
-GPU = torch.device("cuda", 0)
+from wan_dist.inputs import Agreement, DeviceFacts, prepare
+from wan_dist.plan import JobPlan, resolve
+from wan_dist.planner import FP8, STEPS, USABLE, Step, given_keys, plan_run
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +23,12 @@ def run() -> RunConfig:
     return run
 
 
-def plan(run: RunConfig, tmp_path, *, world_size: int, gib: float, given: list[str] = (),
-         choose: bool = True) -> JobPlan:
-    return build_plan(run, world_size=world_size, rank=0, device=GPU, out_dir=tmp_path, seed=0, given=given,
-                      facts_of_device=DeviceFacts("cuda", (9, 0), int(gib * 2**30)), choose=choose)
+def gpu(gib: float) -> DeviceFacts:
+    return DeviceFacts("cuda", (9, 0), int(gib * 2**30))
+
+
+def plan(run: RunConfig, tmp_path, *, world_size: int, gib: float, given: list[str] = ()) -> JobPlan:
+    return plan_of(run, world_size, tmp_path, device=gpu(gib), given=given)
 
 
 def room(peak: float) -> float:
@@ -39,12 +40,14 @@ def peak_gib(plan_: JobPlan) -> float:
     return max(m.peak for m in plan_.memory) / 2**30
 
 
-def step_peak(run: RunConfig, tmp_path, overrides: tuple[str, ...], world_size: int) -> float:
-    return peak_gib(plan(apply(run, overrides), tmp_path, world_size=world_size, gib=1e4, choose=False))
+def step_peak(run: RunConfig, tmp_path, step: Step, world_size: int) -> float:
+    """The peak of `step`'s layout as it is, the planner not asked."""
+    edited = step.apply(run)
+    return peak_gib(resolve(edited, prepare(edited, gpu(1e4), out_dir=tmp_path), world_size))
 
 
 def test_auto_takes_the_first_step_that_fits(run, tmp_path):
-    replica, sharded = (step_peak(run, tmp_path, STEPS[i][1], 2) for i in (0, 1))
+    replica, sharded = (step_peak(run, tmp_path, STEPS[i], 2) for i in (0, 1))
     assert sharded < replica
     roomy = plan(run, tmp_path, world_size=2, gib=room(replica))
     assert roomy.added == () and not roomy.fsdp and roomy.dims.cfg == 2
@@ -56,18 +59,18 @@ def test_auto_takes_the_first_step_that_fits(run, tmp_path):
 
 
 def test_settings_given_are_kept(run, tmp_path):
-    sharded = step_peak(run, tmp_path, STEPS[1][1], 2)
+    sharded = step_peak(run, tmp_path, STEPS[1], 2)
     pinned = plan(run, tmp_path, world_size=2, gib=room(sharded), given=["parallel.fsdp=false"])
     # Every sharding step skipped: the blocks streamed from host memory instead.
-    assert pinned.added == STEPS[-1][1] and not pinned.fsdp and pinned.components["dit"].offload
+    assert pinned.added == STEPS[-1].overrides and not pinned.fsdp and pinned.components["dit"].offload
     # A value that differs from the schema's default counts as given, wherever it was set.
-    offload_off = apply(run, ["model.dit_offload=none", "parallel.vae_decode=patch"])
+    offload_off = Step(dit_offload="none", vae_decode="patch").apply(run)
     assert given_keys(offload_off) == {"parallel.vae_decode"}
     assert given_keys(offload_off, ["model.dit_offload=none"]) == {"parallel.vae_decode", "model.dit_offload"}
 
 
 def test_nothing_fits_names_the_change_that_would(run, tmp_path):
-    sharded = step_peak(run, tmp_path, STEPS[1][1], 2)
+    sharded = step_peak(run, tmp_path, STEPS[1], 2)
     with pytest.raises(ConfigError) as error:
         plan(run, tmp_path, world_size=2, gib=room(sharded), given=["parallel.fsdp=false", "model.dit_offload=none"])
     message = str(error.value)
@@ -77,9 +80,9 @@ def test_nothing_fits_names_the_change_that_would(run, tmp_path):
 
 
 def test_more_gpus_or_fp8_named_when_no_layout_fits(run, tmp_path):
-    offload_2 = step_peak(run, tmp_path, STEPS[-1][1], 2)
-    offload_1 = step_peak(run, tmp_path, STEPS[-1][1], 1)
-    fp8_offload_1 = step_peak(apply(run, ["model.dit_storage_dtype=fp8_e4m3"]), tmp_path, STEPS[-1][1], 1)
+    offload_2 = step_peak(run, tmp_path, STEPS[-1], 2)
+    offload_1 = step_peak(run, tmp_path, STEPS[-1], 1)
+    fp8_offload_1 = step_peak(FP8.apply(run), tmp_path, STEPS[-1], 1)
     assert offload_2 < fp8_offload_1 < offload_1
     with pytest.raises(ConfigError) as error:
         plan(run, tmp_path, world_size=1, gib=room(fp8_offload_1))
@@ -91,13 +94,13 @@ def test_more_gpus_or_fp8_named_when_no_layout_fits(run, tmp_path):
 def test_every_rank_plans_for_the_least_free_memory(run, tmp_path):
     """Rank 0 has room for a replica, rank 1 only for a shard: both plan the sharded layout, which rank 0's
     memory alone would not have chosen."""
-    replica, sharded = (step_peak(run, tmp_path, STEPS[i][1], 2) for i in (0, 1))
+    replica, sharded = (step_peak(run, tmp_path, STEPS[i], 2) for i in (0, 1))
     free = [int(room(replica) * 2**30), int(room(sharded) * 2**30)]
 
     def plan_on(rank: int) -> JobPlan:
         own = DeviceFacts("cuda", (9, 0), free[rank])
-        return build_plan(run, world_size=2, rank=rank, device=GPU, out_dir=tmp_path, seed=0, own_facts=own,
-                          least=lambda value: min(value, *(f for r, f in enumerate(free) if r != rank)))
+        agreement = Agreement(least=lambda value: min(value, *(f for r, f in enumerate(free) if r != rank)))
+        return plan_run(run, prepare(run, own, agreement, out_dir=tmp_path, world_size=2), 2)
 
     plans = [plan_on(rank) for rank in (0, 1)]
     assert all(p.added == ("parallel.fsdp=true",) and p.fsdp for p in plans)

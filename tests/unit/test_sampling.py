@@ -8,11 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
+from tests.planning import plan_of
 from wan_dist.config import RunConfig
-from wan_dist.plan import build_plan
-from wan_dist.sampling import SCHEDULER_CONFIG, resolve_sampling
+from wan_dist.sampling import SCHEDULER_CONFIG, read_scheduler_config, resolve_sampling
 
 FOLDER_SOURCE = f"folder {SCHEDULER_CONFIG}"
 
@@ -25,7 +24,8 @@ def scheduler_folder(tmp_path: Path, class_name: str = "UniPCMultistepScheduler"
 
 
 def resolved(run: RunConfig, folder: Path, given: list[str] = (), seed: int = 0):
-    return resolve_sampling(run, preset=run.model.preset, given=given, folder=folder, seed=seed,
+    return resolve_sampling(run, preset=run.model.preset, given=given, scheduler_config=read_scheduler_config(folder),
+                            seed=seed,
                             drawn=run.seed < 0)
 
 
@@ -80,8 +80,7 @@ def test_the_plan_runs_with_the_folder_shift_and_plan_json_says_where_from(famil
     and plan.json follow the folder, and the plan table names the source."""
     run = RunConfig()
     run.model.path, run.image = str(family_folders["moe_i2v"]), str(image_path)
-    plan = build_plan(run, world_size=1, rank=0, device=torch.device("cpu"), out_dir=tmp_path, seed=0,
-                      given=[f"model.path={run.model.path}", f"image={run.image}"])
+    plan = plan_of(run, 1, tmp_path, given=[f"model.path={run.model.path}", f"image={run.image}"])
     assert plan.config.flow_shift == plan.sampling.flow_shift == 12.0
     assert run.flow_shift == RunConfig.flow_shift  # the caller's config is not changed
     # 4 steps at shift 12: timesteps 999, 973, 923, 800 against the boundary 900, three high-noise steps
