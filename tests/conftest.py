@@ -153,12 +153,30 @@ def write_lightx2v_lora(folder: Path, path: Path, rank: int = 4, alpha: float = 
 
 
 @pytest.fixture(scope="session")
-def matrix(request, t2v_folder, i2v_folder, family_folders, image_path, last_image_path, lora_path,
-           tmp_path_factory) -> dict:
+def matrix_paths(t2v_folder, i2v_folder, family_folders, image_path, last_image_path, lora_path,
+                 tmp_path_factory) -> tuple[dict[str, str], dict[str, str]]:
+    """The case table's folders and input files (tests/matrix.py `bind`): (folders, inputs)."""
+    from tests.matrix import QUEUE
+
+    root = tmp_path_factory.mktemp("matrix_inputs")
+    queue = root / "prompts.txt"
+    queue.write_text("\n".join(QUEUE[:1] + [""] + QUEUE[1:]) + "\n")  # blank lines are skipped
+    moe = family_folders["moe_t2v"]
+    inputs = {"@image": str(image_path), "@last_image": str(last_image_path), "@lora": str(lora_path),
+              "@high_lora": str(write_random_lora(moe, root / "high.safetensors", seed=2)),
+              "@low_lora": str(write_random_lora(moe, root / "low.safetensors", seed=3, subfolder="transformer_2")),
+              "@lightx2v_lora": str(write_lightx2v_lora(t2v_folder, root / "lightx2v_4step.safetensors")),
+              "@queue": str(queue), "@embeddings": str(root / "embeddings")}
+    folders = {"t2v": str(t2v_folder), "i2v": str(i2v_folder), **{k: str(v) for k, v in family_folders.items()}}
+    return folders, inputs
+
+
+@pytest.fixture(scope="session")
+def matrix(request, matrix_paths, tmp_path_factory) -> dict:
     """Every case of tests/matrix.py that this session's selected tests name (a `name` parameter or a
     `cases(...)` mark), run in one spawned world per world size; {name: (case, out_dir)}."""
     from tests.dist_utils import run_on_ranks
-    from tests.matrix import BY_NAME, QUEUE, TABLE, bind
+    from tests.matrix import BY_NAME, TABLE, bind
     from tests.modes import run_cases
 
     wanted = set()
@@ -170,18 +188,9 @@ def matrix(request, t2v_folder, i2v_folder, family_folders, image_path, last_ima
         for mark in item.iter_markers("cases"):
             wanted |= set(mark.args)
     root = tmp_path_factory.mktemp("matrix")
-    queue = root / "prompts.txt"
-    queue.write_text("\n".join(QUEUE[:1] + [""] + QUEUE[1:]) + "\n")  # blank lines are skipped
-    moe = family_folders["moe_t2v"]
-    inputs = {"@image": str(image_path), "@last_image": str(last_image_path), "@lora": str(lora_path),
-              "@high_lora": str(write_random_lora(moe, root / "high.safetensors", seed=2)),
-              "@low_lora": str(write_random_lora(moe, root / "low.safetensors", seed=3, subfolder="transformer_2")),
-              "@lightx2v_lora": str(write_lightx2v_lora(t2v_folder, root / "lightx2v_4step.safetensors")),
-              "@queue": str(queue), "@embeddings": str(root / "embeddings")}
-    folders = {"t2v": str(t2v_folder), "i2v": str(i2v_folder), **{k: str(v) for k, v in family_folders.items()}}
     results = {}
     for world in sorted({entry.world for entry in TABLE}):
-        cases = [bind(entry.case, folders, inputs) for entry in TABLE if entry.world == world and entry.name in wanted]
+        cases = [bind(entry.case, *matrix_paths) for entry in TABLE if entry.world == world and entry.name in wanted]
         if cases:
             run_on_ranks(world, run_cases, cases, str(root), timeout=1200)
             results.update({case.name: (case, root / case.name) for case in cases})

@@ -22,11 +22,7 @@ from .attention import choose_kernel
 from .checks import check_loras, check_model_limits, check_parallel
 from .config import LoraConfig, RunConfig, is_guided, lora_experts
 from .errors import fail
-# DeviceFacts and agreed_device_facts lived here before inputs.py: still named here for tests/dist, which
-# import them from this module.
-from .inputs import (  # noqa: F401
-    EXPERT_COMPONENTS, SUBFOLDERS, DeviceFacts, Inputs, ModelFacts, agreed_device_facts,
-)
+from .inputs import EXPERT_COMPONENTS, SUBFOLDERS, Inputs, ModelFacts
 from .loading import STORAGE_DTYPES_BY_NAME, resolve_dtype, scheduler_from_config, weight_bytes
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,

@@ -1,0 +1,48 @@
+"""What each rank does in every case of the case table (tests/matrix.py), read off its plan alone: no rank
+is started. The same cases run end to end in tests/dist; here every one of them, both tiers, is planned
+for its world size and each rank's share checked against the layout's rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.matrix import TABLE, bind
+from tests.planning import plan_of
+
+ENTRIES = {entry.name: entry for entry in TABLE}
+
+
+def _expected_dit_ranks(entry) -> dict[str, list[int]]:
+    """The DiT ranks of each expert: every rank but rank 0 under a stage split; under an expert split the
+    first group's (expert_ranks[0], or half) hold the high-noise expert only, the rest the low-noise one."""
+    case = entry.case
+    dit_ranks = list(range(int(case.stage_split), entry.world))
+    if not case.expert_split:
+        experts = ("dit", "dit_2") if entry.family.startswith("moe") else ("dit",)
+        return {expert: dit_ranks for expert in experts}
+    high = case.expert_ranks[0] if case.expert_ranks else len(dit_ranks) // 2
+    return {"dit": dit_ranks[:high], "dit_2": dit_ranks[high:]}
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_each_rank_holds_what_its_layout_gives_it(matrix_paths, tmp_path, name):
+    entry = ENTRIES[name]
+    case = bind(entry.case, *matrix_paths)
+    plan = plan_of(case.run_config(tmp_path), entry.world, tmp_path)
+    assert [rank.rank for rank in plan.ranks] == list(range(entry.world))
+    held = {rank.rank: rank.weight_bytes for rank in plan.ranks}
+    for expert, ranks in _expected_dit_ranks(entry).items():
+        assert [r for r in held if expert in held[r]] == ranks, expert
+        whole = plan.components[expert].weight_bytes
+        shares = [held[r][expert] for r in ranks]
+        if case.fsdp:
+            assert sum(shares) == whole and max(shares) <= whole / len(ranks) * 1.1
+        else:
+            assert shares == [whole] * len(ranks)
+    # The text encoder on rank 0 alone; the VAE there too, or a band of it on every rank.
+    assert [r for r in held if "text_encoder" in held[r]] == [0]
+    vae_ranks = list(range(entry.world)) if case.vae_decode == "patch" else [0]
+    assert [r for r in held if "vae" in held[r]] == vae_ranks
+    assert plan.components["vae"].ranks == tuple(vae_ranks)
+    if case.dit_storage_dtype != "auto":
+        assert str(plan.components["dit"].storage_dtype).startswith("torch.float8")
