@@ -125,11 +125,17 @@ CASES = [
     ("bad_scheduler", ["scheduler=ddim"], ["scheduler='ddim'", "unipc"]),
     ("bad_bool", ["output.save_frames=maybe"], ["output.save_frames='maybe'", "true or false"]),
     ("unparsable_override", ["prompt='a cat"], ["prompt='a cat", "quote"]),
+    # two broken rules: the first in validation order is the one said (its line in full below)
+    ("steps_zero_and_bad_scheduler", ["steps=0", "scheduler=ddim"], ["steps=0", "positive"]),
 ]
 
 
 def _expand(text: str, inputs: dict[str, Path], model: Path) -> str:
     return re.sub(r"<([\w.]+)>", lambda m: str(model if m[1] == "model" else inputs[m[1]]), text)
+
+
+# Over this many interpreters at once (each pays the imports once, then walks its share of the cases).
+INTERPRETERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +147,27 @@ def walk(inputs, t2v_folder, tmp_path_factory) -> dict[str, tuple[dict, Path, li
         if not any(o.startswith("output.dir=") for o in argv):
             argv.append(f"output.dir={root / name / 'out'}")
         cases.append({"argv": [*argv, f"hydra.run.dir={root / name / 'hydra'}"], "cache": str(root / name / "cache")})
-    (root / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID", "HYDRA_FULL_ERROR"):
         env.pop(var, None)
-    subprocess.run([sys.executable, "tests/e2e/cli_walk.py", str(root / "cases.json"), str(root / "results.json")],
-                   cwd=REPO, env=env, check=True, timeout=600)
-    results = json.loads((root / "results.json").read_text())
+    shares = [list(range(i, len(cases), INTERPRETERS)) for i in range(INTERPRETERS)]
+    procs = []
+    try:
+        for i, share in enumerate(shares):
+            (root / f"cases{i}.json").write_text(json.dumps([cases[k] for k in share]))
+            procs.append(subprocess.Popen([sys.executable, "tests/e2e/cli_walk.py", str(root / f"cases{i}.json"),
+                                           str(root / f"results{i}.json")], cwd=REPO, env=env))
+        for proc in procs:
+            assert proc.wait(timeout=600) == 0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    results = [None] * len(cases)
+    for i, share in enumerate(shares):
+        for k, result in zip(share, json.loads((root / f"results{i}.json").read_text())):
+            results[k] = result
     return {name: (result, root / name, case["argv"]) for (name, _, _), result, case in zip(CASES, results, cases)}
 
 
@@ -173,6 +193,14 @@ def test_bad_input_one_line_exit_2(walk, inputs, t2v_folder, name, fragments):
     assert "video 1/1" not in text and "building the" not in text  # no progress bar, no tiny model built
 
 
+def test_first_broken_rule_is_said_in_full(walk):
+    """Where two rules are broken, the line names the first in validation order, with its value and what is
+    allowed (also checked in a process of its own by tests/e2e/test_cli_errors.py, under make test-full)."""
+    result, _, _ = walk["steps_zero_and_bad_scheduler"]
+    errors = [line for line in result["stderr"].splitlines() if line.startswith("error: ")]
+    assert errors == ["error: steps=0 is not allowed: a positive number of denoising steps"], result["stderr"]
+
+
 def _torchrun(nproc: int, overrides: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WAN_DIST_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -181,7 +209,9 @@ def _torchrun(nproc: int, overrides: list[str], tmp_path: Path) -> subprocess.Co
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
 
 
-@pytest.mark.parametrize("name", ["misspelt_key", "lora_other_model"])
+# misspelt_key fails in Hydra's composition, before the process group; lora_other_model inside it, on
+# every rank alike (as tests/e2e/test_generate_cli.py's unwritable output dir does under make test).
+@pytest.mark.parametrize("name", ["misspelt_key", pytest.param("lora_other_model", marks=pytest.mark.full)])
 def test_bad_input_stops_every_rank(tmp_path, inputs, t2v_folder, name):
     """Under torchrun every rank exits non-zero: each says the same line, unless torchrun has already
     stopped it (SIGTERM) because the other rank failed first."""

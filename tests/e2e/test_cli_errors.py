@@ -1,5 +1,6 @@
 """A bad command line in a process of its own: exit code 2 and exactly one line (the walk over many more
-cases is tests/e2e/test_bad_input_walk.py)."""
+cases is tests/e2e/test_bad_input_walk.py, which also checks this line, from one interpreter; under torchrun
+its ranks exit 2 each, in processes of their own). Under make test-full."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
+
+@pytest.mark.full
 def test_config_error_is_one_line_with_exit_code_2(tmp_path):
     env = {**os.environ, "WAN_DIST_CACHE": str(tmp_path / "cache")}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):

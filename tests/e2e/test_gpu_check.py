@@ -1,6 +1,8 @@
 """launch/gpu_check.py rehearsed on a CPU: its plan fits its calls, a step that hangs is stopped with
 everything it started and the steps after it run or are not reached, the summary is rewritten after
-every step, and the exit code says that a step failed."""
+every step, and the exit code says that a step failed. `make test` rehearses the hang in this process on a
+short clock, with a quick stand-in for the kernels; `make test-full` runs the CLI with the real preflight and
+kernels steps too."""
 
 from __future__ import annotations
 
@@ -55,7 +57,58 @@ def test_each_call_fits_its_total(call):
     assert len({step.name for step in steps}) == len(steps)
 
 
+def _quick_step(ctx):
+    """A stand-in for call 1's kernels step (a real child, seconds less): what the rehearsal keeps of a step
+    that finished before the hang."""
+    cmd = [sys.executable, "-c", "print('quick step done')"]
+    return cmd, lambda child: gpu_check._verdict(child.code == 0 and child.says("quick step done"), "ok",
+                                                 rows=[{"size": "small", "ok": True}])
+
+
+def test_rehearsal_survives_a_hung_step_quickly(tmp_path, monkeypatch, capsys):
+    """make test's rehearsal: call 1's plan with --rehearse-hang's step after a quick stand-in for the
+    kernels (preflight left out), on a 12 s clock: the hang is stopped with everything it started, what
+    finished before it is kept, and what comes after it is not reached. The CLI with the real preflight and
+    kernels steps is test_rehearsal_survives_a_hung_step (make test-full)."""
+    real = gpu_check.CALLS[1]
+    kernels = next(i for i, s in enumerate(real) if s.name == "kernels")
+    steps = [s for s in real[:kernels] if s.name != "preflight"]
+    steps += [gpu_check.Step("kernels", 20, 1, "a quick stand-in", _quick_step), *real[kernels + 1:]]
+    monkeypatch.setitem(gpu_check.CALLS, 1, steps)
+    monkeypatch.setattr(gpu_check, "_cuda_available", lambda env: False)
+    out = tmp_path / "out"
+    # 12 s: the hang gets what the quick step leaves less the kill's 5 s grace, about 6 s (its minimum is 3).
+    code = gpu_check.run_call(1, out, None, allow_cpu=True, rehearse_hang=True, total_s=12)
+    stdout = capsys.readouterr().out
+    assert code == 1, stdout
+    summary = json.loads((out / gpu_check.SUMMARY).read_text())
+    steps = {step["name"]: step for step in summary["steps"]}
+    assert [s["name"] for s in summary["steps"]] == [s.name for s in gpu_check.plan(1, rehearse_hang=True)]
+    assert list(steps)[:3] == ["wheels", "kernels", "hang"], list(steps)
+    assert summary["failed"] == ["hang"], summary["failed"]
+    assert steps["wheels"]["status"] == "not_reached"
+    assert steps["kernels"]["status"] == "passed" and steps["kernels"]["details"]["rows"], steps["kernels"]
+
+    hang = steps["hang"]
+    assert hang["status"] == "failed" and hang["why"].startswith("timed out after"), hang
+    assert "survivors" not in hang, hang
+    # The step itself and the worker it started in a session of its own, which ignores SIGTERM.
+    assert len(hang["details"]["pids"]) == 2
+    assert not [pid for pid in hang["details"]["pids"] if _running(pid)]
+    assert not _marked_by(os.getpid())
+
+    after = summary["steps"][[s["name"] for s in summary["steps"]].index("hang") + 1:]
+    assert after and all(step["status"] == "not_reached" and step["why"] for step in after), after
+    assert steps["bench"] == {**steps["bench"], "status": "not_reached", "why": "needs a CUDA device"}
+    assert summary["not_shown_on_one_gpu"] == gpu_check.NOT_SHOWN_ON_ONE_GPU
+    assert "[gpu_check] hang: failed" in stdout and "[gpu_check] bench: not reached: needs a CUDA device" in stdout
+    log = (out / gpu_check.LOG).read_text()
+    assert all(f"===== {name} =====" in log for name, step in steps.items() if "seconds" in step)
+
+
+@pytest.mark.full
 def test_rehearsal_survives_a_hung_step(tmp_path):
+    """The CLI, with call 1's real preflight and kernels steps before the hang."""
     out = tmp_path / "out"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WAN_DIST_CACHE": str(tmp_path / "cache")}
     # 60 s: preflight and the kernels run within twice their caps (a shared CPU imports slowly); the hang
@@ -132,11 +185,13 @@ def test_pytest_step_stopped_at_its_cap_keeps_what_finished(tmp_path, monkeypatc
     tests.write_text("import threading\n\ndef test_passes():\n    pass\n\ndef test_fails():\n    assert False\n\n"
                      "def test_hangs():\n    threading.Event().wait()\n")
     monkeypatch.setattr(gpu_check, "_cuda_available", lambda env: False)
-    step = gpu_check.Step("probe", 20, 1, "", gpu_check._pytest("probe", [str(tests)]))
+    # 8 s: pytest starts and runs the first two tests within about a second here; the rest is room for a
+    # loaded machine.
+    step = gpu_check.Step("probe", 8, 1, "", gpu_check._pytest("probe", [str(tests)]))
     monkeypatch.setitem(gpu_check.CALLS, 1, [step])
     code = gpu_check.run_call(1, tmp_path / "out", None, total_s=60)
     (step,) = json.loads((tmp_path / "out" / gpu_check.SUMMARY).read_text())["steps"]
-    assert code == 1 and step["status"] == "failed" and step["why"].startswith("timed out after 20 s"), step
+    assert code == 1 and step["status"] == "failed" and step["why"].startswith("timed out after 8 s"), step
     outcomes = {test.split("::")[-1]: outcome for test, outcome in step["details"]["tests"].items()}
     assert outcomes == {"test_passes": "passed", "test_fails": "failed", "(unfinished)": outcomes["(unfinished)"]}
     assert not (tmp_path / "out" / "junit_probe.xml").exists()

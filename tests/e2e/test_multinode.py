@@ -1,5 +1,7 @@
 """Multi-node torchrun as launch/slurm/generate.sbatch runs it on each node: two agents (`--nnodes=2`, one
-rank each) meeting by c10d rendezvous on 127.0.0.1, against the same run on one node with two ranks."""
+rank each) meeting by c10d rendezvous on 127.0.0.1, against the same run on one node with two ranks. The
+one-node run is what `make run` runs: it is checked as tests/e2e/test_generate_cli.py checks `make run`
+(whose own test runs it again only under make test-full)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.e2e.test_generate_cli import assert_make_run_outputs
 from tests.launching import free_port, launch_env
 from tests.reference import TOLERANCE, max_abs_error
 
@@ -18,7 +21,8 @@ TIMEOUT_S = 300
 
 
 def _run_args(out: Path) -> list[str]:
-    return ["launch/generate.py", f"output.dir={out}", "output.save_frames=true", f"hydra.run.dir={out}/hydra"]
+    # Hydra's run dir beside the outputs, not in them: `make run`'s folder holds its outputs alone.
+    return ["launch/generate.py", f"output.dir={out}", "output.save_frames=true", f"hydra.run.dir={out}_hydra"]
 
 
 def test_two_node_torchrun_matches_one_node(tmp_path):
@@ -36,15 +40,23 @@ def test_two_node_torchrun_matches_one_node(tmp_path):
     agent = [*torchrun, "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
              f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=wan_dist_test_{port}", "--local-addr=127.0.0.1",
              *_run_args(two_nodes)]
-    agents = [subprocess.Popen(agent, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True) for _ in range(2)]
+    # Their output to files: read once they have ended, while this process compares with diffusers.
+    logs = [tmp_path / f"agent{i}.log" for i in range(2)]
+    agents = []
     try:
-        outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in agents]
+        for log in logs:
+            with open(log, "wb") as handle:
+                agents.append(subprocess.Popen(agent, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT))
+        # While the agents start: the one-node run, `make run`'s, against diffusers (in this process).
+        assert_make_run_outputs(one_node, tmp_path / "cache")
+        for proc in agents:
+            proc.wait(timeout=TIMEOUT_S)
     finally:
         for proc in agents:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+    outputs = [log.read_text(errors="replace") for log in logs]
     for proc, output in zip(agents, outputs):
         assert proc.returncode == 0, output[-3000:]
 

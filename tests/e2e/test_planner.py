@@ -1,5 +1,6 @@
 """launch/plan.py: per world size and GPU size, the layout that fits and each rank's memory, as JSON in
-the format DESIGN names; a real preset planned from its shapes alone (no download, no disk)."""
+the format DESIGN names; a real preset planned from its shapes alone (no download, no disk). `make test`
+plans the 14B; `make test-full` a two-expert preset too."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from wan_dist.building import TINY_FORMAT_VERSION
 
@@ -45,6 +48,7 @@ def test_planner_picks_what_fits(tmp_path):
     assert "| 4 | 24 | yes |" in result.stdout
 
 
+@pytest.mark.full
 def test_a_two_expert_preset_is_planned_from_its_shapes(tmp_path):
     """A two-expert plan counts each expert's steps from the folder's scheduler, which the shapes-only
     folder holds too; both experts are on every DiT rank."""

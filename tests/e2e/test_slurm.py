@@ -1,7 +1,12 @@
 """launch/slurm/generate.sbatch on a real (throwaway, one-node) Slurm cluster: `sbatch --wait`, CPU and gloo,
 in both of its shapes: one task per node running torchrun (c10d rendezvous on the first node), and one task
 per rank without torchrun (ranks from Slurm's variables); and a Hydra sweep through
-`hydra/launcher=submitit_slurm`. Skipped without root or Slurm installed."""
+`hydra/launcher=submitit_slurm`. Skipped without root or Slurm installed.
+
+One cluster serves every test (the session fixture). `make test` runs the task-per-rank shape against
+diffusers and a bad config on every task; `make test-full` adds the torchrun shape, its default rank count
+and exit code, and the submitit sweep (Slurm's variables as in the task-per-rank shape, the summary as
+with the torchrun launcher: tests/e2e/test_sweep.py)."""
 
 from __future__ import annotations
 
@@ -30,13 +35,20 @@ SHAPES = {
 }
 
 
+@pytest.fixture(scope="module")
+def model_cache(tmp_path_factory) -> Path:
+    """WAN_DIST_CACHE for the runs that succeed: the first builds the tiny model, the others reuse it."""
+    return tmp_path_factory.mktemp("slurm_cache")
+
+
 def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str, shape: str = "tasks",
-            script_env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, str]:
+            script_env: dict[str, str] | None = None,
+            cache: Path | None = None) -> tuple[subprocess.CompletedProcess, str]:
     """Submit the project's script from the repo root, as a user would, and wait for the job to end.
     Returns sbatch's result and the job's output file (all tasks' stdout and stderr)."""
     options, shape_env = SHAPES[shape]
     # SLURM_LABELIO: srun prefixes each output line with its task's rank ("1: ...").
-    env = launch_env(cluster.env(), WAN_DIST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+    env = launch_env(cluster.env(), WAN_DIST_CACHE=str(cache or tmp_path / "cache"), OMP_NUM_THREADS="1",
                      PYTHONUNBUFFERED="1", SLURM_LABELIO="1", **(shape_env if script_env is None else script_env))
     # The script defaults to the checkout's .venv/bin/python; only another interpreter needs naming.
     if Path(sys.executable) != ROOT / ".venv" / "bin" / "python":
@@ -50,10 +62,11 @@ def _sbatch(cluster: SlurmCluster, tmp_path: Path, *overrides: str, shape: str =
     return result, output
 
 
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_sbatch_two_ranks_matches_diffusers(slurm_cluster, tmp_path, shape):
+@pytest.mark.parametrize("shape", [pytest.param("tasks"), pytest.param("torchrun", marks=pytest.mark.full)])
+def test_sbatch_two_ranks_matches_diffusers(slurm_cluster, model_cache, tmp_path, shape):
     out = tmp_path / "out"
-    result, output = _sbatch(slurm_cluster, tmp_path, f"output.dir={out}", "output.save_frames=true", shape=shape)
+    result, output = _sbatch(slurm_cluster, tmp_path, f"output.dir={out}", "output.save_frames=true", shape=shape,
+                             cache=model_cache)
     assert result.returncode == 0, f"{result.stderr}\n--- job output\n{output[-4000:]}\n{slurm_cluster.logs()}"
     assert (out / "video.mp4").is_file() and (out / "run.json").is_file(), output[-4000:]
 
@@ -67,7 +80,7 @@ def test_sbatch_two_ranks_matches_diffusers(slurm_cluster, tmp_path, shape):
     assert report["mesh"]["cfg"] == 2  # parallel=auto on two ranks with guidance 5
     assert "2 rank(s)" in output, output[-4000:]
 
-    folder = tmp_path / "cache" / "models" / f"tiny-v{TINY_FORMAT_VERSION}"
+    folder = model_cache / "models" / f"tiny-v{TINY_FORMAT_VERSION}"
     reference = reference_frames(str(folder), prompt=report["config"]["prompt"], height=64, width=64, steps=4)
     saved = np.load(out / "frames.npy")
     assert max_abs_error(saved, reference) <= TOLERANCE
@@ -88,6 +101,7 @@ def test_sbatch_bad_config_fails_on_every_task(slurm_cluster, tmp_path):
     assert not (tmp_path / "cache" / "models").exists(), "the tiny model was built before the error"
 
 
+@pytest.mark.full
 def test_sbatch_torchrun_default_ranks_and_exit_code(slurm_cluster, tmp_path):
     """Without NPROC_PER_NODE or GPUs, one rank per node; a failing run fails the job."""
     out = tmp_path / "out"
@@ -99,6 +113,7 @@ def test_sbatch_torchrun_default_ranks_and_exit_code(slurm_cluster, tmp_path):
     assert not (out / "video.mp4").exists()
 
 
+@pytest.mark.full
 def test_submitit_sweep_one_task_per_rank(slurm_cluster, tmp_path):
     """`hydra/launcher=submitit_slurm`: each job a Slurm job of two tasks, ranks from Slurm's variables; the
     summary and the shared embedding cache as with the torchrun launcher."""
