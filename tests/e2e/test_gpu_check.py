@@ -89,13 +89,20 @@ def test_rehearsal_survives_a_hung_step_quickly(tmp_path, monkeypatch, capsys):
     assert steps["wheels"]["status"] == "not_reached"
     assert steps["kernels"]["status"] == "passed" and steps["kernels"]["details"]["rows"], steps["kernels"]
 
+    _check_the_hang_and_after(summary, stdout, out, marker_parent=os.getpid())
+
+
+def _check_the_hang_and_after(summary: dict, stdout: str, out: Path, marker_parent: int) -> None:
+    """The hung step stopped with every process it started, the steps after it not reached, and the
+    summary, stdout and log saying so."""
+    steps = {step["name"]: step for step in summary["steps"]}
     hang = steps["hang"]
     assert hang["status"] == "failed" and hang["why"].startswith("timed out after"), hang
     assert "survivors" not in hang, hang
     # The step itself and the worker it started in a session of its own, which ignores SIGTERM.
     assert len(hang["details"]["pids"]) == 2
     assert not [pid for pid in hang["details"]["pids"] if _running(pid)]
-    assert not _marked_by(os.getpid())
+    assert not _marked_by(marker_parent)
 
     after = summary["steps"][[s["name"] for s in summary["steps"]].index("hang") + 1:]
     assert after and all(step["status"] == "not_reached" and step["why"] for step in after), after
@@ -128,21 +135,7 @@ def test_rehearsal_survives_a_hung_step(tmp_path):
     assert steps["kernels"]["status"] == "passed" and {r["size"] for r in rows} == {"real", "small"}, rows
     assert all(r["ok"] and r["rel_err"] <= r["tolerance"] for r in rows), rows
 
-    hang = steps["hang"]
-    assert hang["status"] == "failed" and hang["why"].startswith("timed out after"), hang
-    assert "survivors" not in hang, hang
-    # The step itself and the worker it started in a session of its own, which ignores SIGTERM.
-    assert len(hang["details"]["pids"]) == 2
-    assert not [pid for pid in hang["details"]["pids"] if _running(pid)]
-    assert not _marked_by(proc.pid)
-
-    after = summary["steps"][[s["name"] for s in summary["steps"]].index("hang") + 1:]
-    assert after and all(step["status"] == "not_reached" and step["why"] for step in after), after
-    assert steps["bench"] == {**steps["bench"], "status": "not_reached", "why": "needs a CUDA device"}
-    assert summary["not_shown_on_one_gpu"] == gpu_check.NOT_SHOWN_ON_ONE_GPU
-    assert "[gpu_check] hang: failed" in stdout and "[gpu_check] bench: not reached: needs a CUDA device" in stdout
-    log = (out / gpu_check.LOG).read_text()
-    assert all(f"===== {name} =====" in log for name, step in steps.items() if "seconds" in step)
+    _check_the_hang_and_after(summary, stdout, out, marker_parent=proc.pid)
 
 
 def test_budget_and_summary_on_a_fake_clock(tmp_path, monkeypatch):
