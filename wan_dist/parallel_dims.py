@@ -12,12 +12,7 @@ sequence axes).
 
 from __future__ import annotations
 
-import datetime
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh
 
 from .config import ParallelConfig, is_guided
 from .errors import ConfigError, fail
@@ -55,18 +50,29 @@ class DitGroup:
     def describe(self) -> str:
         return f"cfg={self.cfg} x ring={self.ring} x ulysses={self.ulysses}"
 
-    def build_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
-        """This group's mesh. Every rank must call this (group creation is collective); a rank outside
-        the group gets a mesh it is not part of and must not use. With `timeout_s`, every axis group has
-        that collective timeout; without, the backend's default (gloo 30 min, nccl 10 min)."""
-        ranks = torch.tensor(self.ranks).view(self.cfg, self.ring, self.ulysses)
-        override = None
-        if timeout_s is not None:
-            # DeviceMesh passes an axis' backend options' timeout to the group it creates (new_group or
-            # split_group): (backend, options) per axis, the backend the default group's; one options
-            # object per axis, since group creation writes into it.
-            override = tuple((None, group_options(timeout_s)) for _ in MESH_AXES)
-        return DeviceMesh(device_type, ranks, mesh_dim_names=MESH_AXES, backend_override=override)
+
+@dataclass(frozen=True)
+class Hop:
+    """One leg of each video's way through the ranks: `src` sends one message to each of `dsts`; where
+    `src` is among them, it passes the message to itself through a local queue."""
+
+    name: str  # INPUTS, STATE or LATENTS
+    src: int
+    dsts: tuple[int, ...]
+
+    @property
+    def remote_dsts(self) -> list[int]:
+        return [r for r in self.dsts if r != self.src]
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(sorted({self.src, *self.dsts}))
+
+
+# The hops, in the order a video takes them: rank 0's encoded inputs to every DiT rank; under an expert
+# split, the sampler state from the high-noise group's leader to the low-noise group; the final latents
+# from the last group's leader back to rank 0.
+INPUTS, STATE, LATENTS = "inputs", "state", "latents"
 
 
 @dataclass(frozen=True)
@@ -137,6 +143,16 @@ class ParallelDims:
     def is_dit_rank(self, rank: int) -> bool:
         return rank in self.dit_ranks
 
+    @property
+    def hops(self) -> tuple[Hop, ...]:
+        """The handoff's hops for this layout (each video takes them in this order)."""
+        inputs = Hop(INPUTS, 0, tuple(self.dit_ranks))
+        latents = Hop(LATENTS, self.dit_leader, (0,))
+        if self.low is None:
+            return inputs, latents
+        high, low = self.groups
+        return inputs, Hop(STATE, high.leader, tuple(low.ranks)), latents
+
     def describe(self) -> str:
         split = " + stage_split(rank 0: encoders+VAE)" if self.stage_split else ""
         if self.low is None:
@@ -144,33 +160,6 @@ class ParallelDims:
         high, low = self.groups
         return (f"expert_split: high noise ranks {high.ranks} ({high.describe()}), low noise ranks {low.ranks} "
                 f"({low.describe()}){split}")
-
-    def build_mesh(self, device_type: str, timeout_s: float | None = None, rank: int | None = None) -> DeviceMesh:
-        """The mesh of `rank`'s group (DitGroup.build_mesh; every group's is built, since building is
-        collective): the DiT ranks' mesh without an expert split."""
-        meshes = [group.build_mesh(device_type, timeout_s) for group in self.groups]
-        return meshes[self.groups.index(self.group_of(rank))] if rank is not None else meshes[0]
-
-    def build_shard_mesh(self, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
-        """All DiT ranks on one axis, the one FSDP2 shards the DiT's weights over (whatever the layout:
-        the cfg and sequence ranks run the same blocks in the same order, so their all-gathers match).
-        Collective, like build_mesh."""
-        override = None if timeout_s is None else ((None, group_options(timeout_s)),)
-        return DeviceMesh(device_type, torch.tensor(self.dit_ranks), mesh_dim_names=("shard",),
-                          backend_override=override)
-
-
-def group_options(timeout_s: float) -> "torch._C._distributed_c10d.Backend.Options":
-    """Backend options of the default group's backend with this collective timeout (what DeviceMesh's
-    `backend_override` takes); nccl needs its own options class, gloo takes the generic one."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    backend = dist.get_backend()
-    if backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options.is_high_priority_stream = False  # what new_group gives an nccl group without options
-        options._timeout = timeout
-        return options
-    return dist.ProcessGroupGloo.Options(backend, timeout)
 
 
 def _divisors(n: int) -> list[int]:

@@ -12,7 +12,7 @@ as it likes. The stages only execute the plan; `dry_run=true` prints it and stop
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from .video import output_names, write_json
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
 ENCODER_ROLE = "encoders+vae"
 DIT_ROLE = "dit"
+# How a rank takes part in a VAE pass: the whole of it, or one band of rows (vae_patch.py).
+WHOLE, BAND = "whole", "band"
 # The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
 # cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
 ATTENTION_USES = ("self_attention", "cross_attention", "sequence_parallel")
@@ -56,6 +58,11 @@ class ComponentPlan:
     storage_dtype: torch.dtype | None = None
     offload: bool = False
     loras: tuple[LoraConfig, ...] = ()  # a DiT's (an expert's): fused into its weights after loading
+    # A DiT's: cross-attention keys and values kept per prompt (not with compile, whose traced blocks
+    # would bypass it); its blocks compiled one by one.
+    context_cache: bool = False
+    compile: bool = False
+    tiling: bool = False  # the VAE's: diffusers' tiled decode
 
     @property
     def subfolder(self) -> str:
@@ -63,14 +70,38 @@ class ComponentPlan:
 
 
 @dataclass(frozen=True)
+class DitWork:
+    """What a DiT rank runs: its group's experts, on its share of the weights, over its group's steps."""
+
+    group: int  # its group's index in plan.dims.groups
+    experts: tuple[str, ...]  # the DiT components it loads (under an expert split, its group's one)
+    shard: tuple[int, int] | None  # FSDP2: (its index, the shard count) over the DiT ranks; None: whole
+    resumes: bool  # takes each video's sampler state from the previous group (the STATE hop), not noise
+    stop: int | None  # the step it stops before and hands the state on (STATE); None: to the end (LATENTS)
+    leader: bool  # shows the progress bar, times the steps, and sends on the group's outgoing hop
+
+
+@dataclass(frozen=True)
 class RankPlan:
+    """What one rank does, field by field; `role` is their name for run.json and the plan table."""
+
     rank: int
-    role: str
     weight_bytes: dict[str, int]  # per component this rank holds
+    # Encodes the prompts (and the I2V image embeddings), hands each video over, takes the latents back,
+    # writes the outputs: rank 0.
+    encodes: bool = False
+    condition: str | None = None  # the I2V condition encode: WHOLE (rank 0), BAND (a band of rows), None
+    decode: str | None = None  # the VAE decode: WHOLE, BAND (every rank; rank 0 gathers), None
+    dit: DitWork | None = None
+    hops: tuple[str, ...] = ()  # the handoff hops it sends or receives on (parallel_dims.Hop)
 
     @property
     def components(self) -> tuple[str, ...]:
         return tuple(self.weight_bytes)
+
+    @property
+    def role(self) -> str:
+        return "+".join(name for name, on in ((ENCODER_ROLE, self.encodes), (DIT_ROLE, self.dit is not None)) if on)
 
 
 @dataclass(frozen=True)
@@ -106,6 +137,10 @@ class JobPlan:
     out_dir: Path
     seed: int
     sampling: SamplingPlan
+    images: tuple[str, ...]  # I2V's image (FLF2V: and its last image), as paths
+    allow_pickle: bool  # components may load from pickled checkpoints
+    embedding_cache: str | None  # where prompt embeddings are kept between runs
+    overwrite: bool  # outputs may replace files already there
     ranks: tuple[RankPlan, ...] = field(default=())
     # Each rank's predicted memory on its device (memory.py), in rank order.
     memory: tuple[RankMemory, ...] = ()
@@ -123,12 +158,6 @@ class JobPlan:
     @property
     def image_task(self) -> bool:
         return self.task in IMAGE_TASKS
-
-    def holds(self, rank: int, component: str) -> bool:
-        return component in self.components and rank in self.components[component].ranks
-
-    def role(self, rank: int) -> str:
-        return self.ranks[rank].role
 
     def resolved_config(self) -> dict[str, Any]:
         """The run config as it ran: with the seed, output dir and task the plan resolved."""
@@ -148,6 +177,7 @@ class JobPlan:
             "layout": {"cfg": self.dims.cfg, "ring": self.dims.ring, "ulysses": self.dims.ulysses,
                        "stage_split": self.dims.stage_split, "dit_ranks": self.dims.dit_ranks,
                        "describe": self.dims.describe(), "added": list(self.added),
+                       "hops": [{"name": h.name, "src": h.src, "dsts": list(h.dsts)} for h in self.dims.hops],
                        **expert_groups_json(self.dims)},
             "components": {name: {"dtype": str(c.dtype).removeprefix("torch."), "device": c.device,
                                   "ranks": list(c.ranks), "weight_bytes": c.weight_bytes,
@@ -162,7 +192,9 @@ class JobPlan:
             "videos": [{"index": v.index, "prompt": v.prompt, "video": v.video, "frames": v.frames}
                        for v in self.videos],
             "ranks": [{"rank": r.rank, "role": r.role, "components": list(r.components),
-                       "weight_bytes": dict(r.weight_bytes), "memory": memory.to_json()}
+                       "weight_bytes": dict(r.weight_bytes), "condition": r.condition, "decode": r.decode,
+                       "dit": None if r.dit is None else asdict(r.dit), "hops": list(r.hops),
+                       "memory": memory.to_json()}
                       for r, memory in zip(self.ranks, self.memory)],
         }
 
@@ -206,7 +238,7 @@ def _predict_memory(plan: JobPlan, facts: ModelFacts,
 
     def cache(group, experts_held: int) -> int:
         # Every expert keeps its own cache (its own cross-attention weights).
-        if not plan.config.context_cache or plan.config.compile:
+        if not dit.context_cache:
             return 0
         return experts_held * context_cache_bytes(
             dit_config, b, contexts=2 if plan.guided and group.cfg == 1 else 1, image=image)
@@ -224,9 +256,9 @@ def _predict_memory(plan: JobPlan, facts: ModelFacts,
     gather = max(2 * block + root for block, root in block_and_root.values()) if plan.fsdp else 0
     decoders = plan.components["vae"].ranks
     frames_h_w = (plan.latent.frames, plan.latent.height, plan.latent.width)
-    if plan.config.model.vae_tiling:
-        decode = [vae_decode_bytes(vae_config, height=plan.config.height, width=plan.config.width,
-                                   num_frames=plan.config.num_frames, tiled=True)]
+    if plan.components["vae"].tiling:
+        decode = [vae_decode_bytes(vae_config, height=plan.sampling.height, width=plan.sampling.width,
+                                   num_frames=plan.sampling.num_frames, tiled=True)]
     else:
         decode = decode_peak_bytes(vae_config, frames_h_w, len(decoders) if plan.vae_decode == "patch" else 1,
                                    dtype=plan.components["vae"].dtype)
@@ -243,7 +275,7 @@ def _predict_memory(plan: JobPlan, facts: ModelFacts,
                 + sum(block_and_root[name][1] - r.weight_bytes[name] for name in held)
         is_dit = plan.dims.is_dit_rank(r.rank)
         group = plan.dims.group_of(r.rank)
-        decodes = r.rank in decoders and (r.rank == 0 or plan.vae_decode == "patch")
+        decodes = r.decode is not None
         out.append(RankMemory(
             weights=on_device, activations=activations(group) if is_dit else 0,
             gather_buffers=gather if is_dit else 0, context_cache=cache(group, len(held)) if is_dit else 0,
@@ -320,7 +352,9 @@ def resolve(run: RunConfig, inputs: Inputs, world_size: int) -> JobPlan:
     }
     for index, name in enumerate(experts):
         components[name] = replace(components[name], storage_dtype=storage_dtype, offload=offload,
-                                   loras=tuple(lora for lora in run.lora if index in lora_experts(lora.expert)))
+                                   loras=tuple(lora for lora in run.lora if index in lora_experts(lora.expert)),
+                                   context_cache=run.context_cache and not run.compile, compile=run.compile)
+    components["vae"] = replace(components["vae"], tiling=run.model.vae_tiling)
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
     # in its masked kernel (attention.py).
@@ -335,24 +369,55 @@ def resolve(run: RunConfig, inputs: Inputs, world_size: int) -> JobPlan:
     if fsdp and run.lora:
         fail("lora", [lora.path for lora in run.lora], "empty with parallel.fsdp=true: LoRAs are fused into "
              "whole weights before the run, and sharded weights are never whole on one rank")
+    vae_encode = run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0"
     ranks = []
     for r in range(world_size):
-        role = "+".join(name for name, on in ((ENCODER_ROLE, r == 0), (DIT_ROLE, dims.is_dit_rank(r))) if on)
         held = {name: c.weight_bytes for name, c in components.items() if r in c.ranks}
-        for name in experts if fsdp and "dit" in held else ():
+        shard = (dims.dit_ranks.index(r), len(dims.dit_ranks)) if fsdp and dims.is_dit_rank(r) else None
+        for name in experts if shard else ():
             held[name] = weight_bytes(facts.weights[name], SUBFOLDERS[name], dit_dtype, stored=stored[name],
-                                      shard=(dims.dit_ranks.index(r), len(dims.dit_ranks)))
-        ranks.append(RankPlan(rank=r, role=role, weight_bytes=held))
+                                      shard=shard)
+        ranks.append(_rank_plan(r, held, dims, expert_steps, shard=shard,
+                                vae_decode=run.parallel.vae_decode, vae_encode=vae_encode,
+                                vae_bands=len(components["vae"].ranks) > 1, image_task=facts.task in IMAGE_TASKS))
     plan = JobPlan(
         config=run, folder=facts.folder, family=facts.family, task=facts.task, world_size=world_size,
         device_type=device_type, dims=dims, components=components,
         kernels={use: kernel for use in ATTENTION_USES}, fsdp=fsdp, vae_decode=run.parallel.vae_decode,
-        vae_encode=run.parallel.vae_encode if facts.task in IMAGE_TASKS else "rank0", latent=shape, patch=patch,
+        vae_encode=vae_encode, latent=shape, patch=patch,
         num_tokens=num_tokens, boundary_ratio=facts.boundary_ratio, expert_steps=expert_steps,
         negative_prompt=run.negative_prompt if is_guided(run.guidance_scale) else None, videos=tuple(videos),
-        out_dir=inputs.out_dir, seed=inputs.seed, sampling=sampling, ranks=tuple(ranks),
+        out_dir=inputs.out_dir, seed=inputs.seed, sampling=sampling,
+        images=tuple(path for path in (run.image, run.last_image) if path) if facts.task in IMAGE_TASKS else (),
+        allow_pickle=run.model.allow_pickle, embedding_cache=run.embedding_cache, overwrite=run.output.overwrite,
+        ranks=tuple(ranks),
     )
     return replace(plan, memory=_predict_memory(plan, facts, stored))
+
+
+def _rank_plan(rank: int, held: dict[str, int], dims: ParallelDims, expert_steps: tuple[int, int] | None, *,
+               shard: tuple[int, int] | None, vae_decode: str, vae_encode: str, vae_bands: bool,
+               image_task: bool) -> RankPlan:
+    """What `rank` does: rank 0 encodes and writes; a VAE rank decodes or encodes the whole or a band; a
+    DiT rank runs its group's experts over its group's steps."""
+    def vae_part(mode: str) -> str | None:
+        # Every rank holds the VAE when a pass runs in bands (_vae_ranks); on one rank a band is the whole.
+        if mode == "patch" and vae_bands:
+            return BAND
+        return WHOLE if rank == 0 else None
+
+    dit = None
+    if dims.is_dit_rank(rank):
+        group = dims.group_of(rank)
+        index = dims.groups.index(group)
+        split = dims.expert_split
+        dit = DitWork(group=index, experts=tuple(name for name in held if name in EXPERT_COMPONENTS),
+                      shard=shard, resumes=split and index > 0,
+                      stop=expert_steps[0] if split and index == 0 else None, leader=rank == group.leader)
+    hops = tuple(hop.name for hop in dims.hops if rank in hop.ranks)
+    return RankPlan(rank=rank, weight_bytes=held, encodes=rank == 0,
+                    condition=vae_part(vae_encode) if image_task else None, decode=vae_part(vae_decode), dit=dit,
+                    hops=hops)
 
 
 def _expert_steps(run: RunConfig, facts: ModelFacts) -> tuple[int, int]:

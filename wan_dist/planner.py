@@ -43,21 +43,29 @@ class Step:
     vae_decode: str | None = None
     dit_storage_dtype: str | None = None
 
+    def _set(self) -> list[tuple[str, str, str]]:
+        """(config section, field, value) of each value the step sets, in the order its overrides read."""
+        return [(section, name, getattr(self, attr)) for attr, section, name in _STEP_FIELDS
+                if getattr(self, attr) is not None]
+
     def apply(self, run: RunConfig) -> RunConfig:
         """A copy of `run` with this step's values (`parallel`: the preset only, the degrees as they were)."""
-        parallel = {key: value for key, value in (("preset", self.parallel), ("fsdp", self.fsdp),
-                                                  ("vae_decode", self.vae_decode)) if value is not None}
-        model = {key: value for key, value in (("dit_offload", self.dit_offload),
-                                               ("dit_storage_dtype", self.dit_storage_dtype)) if value is not None}
-        return replace(run, parallel=replace(run.parallel, **parallel), model=replace(run.model, **model))
+        edits: dict[str, dict[str, str]] = {"parallel": {}, "model": {}}
+        for section, name, value in self._set():
+            edits[section][name] = value
+        return replace(run, **{section: replace(getattr(run, section), **values) for section, values in edits.items()})
 
     @property
     def overrides(self) -> tuple[str, ...]:
         """The step as the overrides a user would type for it (the plan table, plan.json, refusals)."""
-        said = (("model.dit_storage_dtype", self.dit_storage_dtype), ("parallel", self.parallel),
-                ("parallel.fsdp", self.fsdp), ("model.dit_offload", self.dit_offload),
-                ("parallel.vae_decode", self.vae_decode))
-        return tuple(f"{key}={value}" for key, value in said if value is not None)
+        return tuple(f"{section if name == 'preset' else f'{section}.{name}'}={value}"
+                     for section, name, value in self._set())
+
+
+# Each Step field: the config section and field it sets (`parallel.preset` is typed `parallel=`).
+_STEP_FIELDS = (("dit_storage_dtype", "model", "dit_storage_dtype"), ("parallel", "parallel", "preset"),
+                ("fsdp", "parallel", "fsdp"), ("dit_offload", "model", "dit_offload"),
+                ("vae_decode", "parallel", "vae_decode"))
 
 
 # What the planner may add, in order, when the user left the keys open.

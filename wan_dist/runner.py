@@ -1,9 +1,9 @@
 """One generation run on every rank: its plan (prepare over the ranks, then resolve or the planner), the
 plan's stages for this rank, run to the end, then the report.
 
-Roles (decided by the plan): rank 0 holds the text encoder, the I2V image encoder and the VAE, and writes
-the outputs; the DiT ranks (all ranks, or 1..N-1 with a stage split) hold the DiT, split among themselves
-by the mesh.
+What each rank does is its RankPlan's fields (plan.py): rank 0 encodes, hands over and writes; a VAE rank
+decodes (or encodes the I2V condition) whole or a band; a DiT rank runs its group's experts over its
+group's steps, on the groups the World (world.py) built.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from . import __version__
 from .config import RunConfig
 from .inputs import Agreement, DeviceFacts, prepare
 from .metrics import RankMetrics
-from .plan import JobPlan, expert_groups_json
+from .plan import BAND, JobPlan, expert_groups_json
 from .planner import plan_run
-from .session import Session, new_group_with_timeout
+from .session import Session
 from .stage_split import Handoff
 from .stages import DitStage, EncoderStage, VaeWork, run_stages
 from .video import write_json
+from .world import build_world
 
 log = logging.getLogger(__name__)
 
@@ -44,28 +45,24 @@ def plan_job(run: RunConfig, session: Session, *, given: Collection[str] = (),
 
 
 def generate(plan: JobPlan, session: Session) -> dict[str, Any] | None:
-    """Run the whole job; returns run.json's content on rank 0, None elsewhere."""
+    """Run the whole job: build the World, run what this rank's RankPlan lists, report. Returns run.json's
+    content on rank 0, None elsewhere."""
     start = time.perf_counter()
     rank, device = session.rank, session.device
-    # Collective: every rank builds the mesh and the handoff's groups, also the ranks outside them; they
-    # start together, whatever planning took on each, so that the timeout bounds only the creation.
+    work = plan.ranks[rank]
+    # Collective: every rank builds every group, also those it is not part of; they start together,
+    # whatever planning took on each, so that the timeout bounds only the creation.
     session.meet("groups")
-    mesh = plan.dims.build_mesh(device.type, session.timeout_s, rank=rank)
-    shard_mesh = plan.dims.build_shard_mesh(device.type, session.timeout_s) if plan.fsdp else None
-    handoff = Handoff(rank=rank, world_size=session.world_size, dims=plan.dims, device=device,
-                      timeout_s=session.timeout_s, peers=session.peers)
-    # The VAE's bands run over all ranks, on a group of their own (collective to create).
-    vae_group = new_group_with_timeout(list(range(session.world_size)), session.timeout_s, device) \
-        if len(plan.components["vae"].ranks) > 1 else None
-    metrics = RankMetrics(rank=rank, role=plan.role(rank), device=str(device))
-    vae = VaeWork(plan, session, metrics, vae_group) if plan.holds(rank, "vae") else None
+    world = build_world(plan.dims, plan.dims.hops, rank=rank, device=device, timeout_s=session.timeout_s,
+                        fsdp=plan.fsdp, vae_ranks=plan.components["vae"].ranks)
+    handoff = Handoff(world, device, peers=session.peers)
+    metrics = RankMetrics(rank=rank, role=work.role, device=str(device))
+    vae = VaeWork(plan, session, metrics, world.vae_group) if "vae" in work.weight_bytes else None
     # I2V: the condition encode, on rank 0 or in bands over every rank, before anything else runs.
-    condition = vae.image_condition() if vae is not None and plan.image_task \
-        and (rank == 0 or plan.vae_encode == "patch") else None
-    encoder = EncoderStage(plan, session, handoff, metrics, vae, condition) if rank == 0 else None
-    band_decoder = vae if rank != 0 and plan.vae_decode == "patch" else None
-    dit = DitStage(plan, session, handoff, metrics, mesh, shard_mesh, band_decoder) \
-        if plan.dims.is_dit_rank(rank) else None
+    condition = vae.image_condition() if work.condition is not None else None
+    encoder = EncoderStage(plan, session, handoff, metrics, vae, condition) if work.encodes else None
+    band_decoder = vae if work.decode == BAND and not work.encodes else None
+    dit = DitStage(plan, session, handoff, metrics, world, band_decoder) if work.dit is not None else None
     if encoder is not None:
         encoder.start()
     try:

@@ -36,6 +36,12 @@ class SamplingPlan(Sampling):
     seed: int = 0
     sources: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def expert_guidance(self) -> tuple[float, float]:
+        """Each expert's guidance scale, the high-noise expert's first: the low-noise one takes
+        guidance_scale_2 where set (a one-expert model uses the first)."""
+        return self.guidance_scale, self.guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+
     def describe(self) -> str:
         """One line for the plan table: what is not the library default says where it came from."""
         def said(key: str, text: str) -> str:

@@ -1,6 +1,6 @@
 """The distributed session: ranks from torchrun or Slurm, one device per local rank, the process group, the
-values every rank must agree on, and teardown that always happens. The layout's mesh is the plan's
-(parallel_dims), the point-to-point groups the handoff's (stage_split)."""
+values every rank must agree on, and teardown that always happens. The run's own groups (the layout's
+mesh, the handoff's hops, the VAE bands') are the World's (world.py)."""
 
 from __future__ import annotations
 

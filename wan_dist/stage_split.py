@@ -23,9 +23,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .parallel_dims import ParallelDims
+from .parallel_dims import INPUTS, LATENTS, STATE
 from .pipeline import SamplerState
-from .session import Heartbeat, new_group_with_timeout
+from .session import Heartbeat
+from .world import World
 
 _HEADER_LEN = 64
 _DTYPE_CODES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64]
@@ -138,96 +139,65 @@ def recv_message(kind: type[Message], src: int, device: torch.device,
     return kind(**out)
 
 
+# What each hop carries.
+HOP_MESSAGES: dict[str, type] = {INPUTS: DitInputs, STATE: SamplerState, LATENTS: DitOutputs}
+
+
 class Handoff:
-    """Inputs out of rank 0, latents back to it. Every rank builds it (group creation is collective).
+    """Each video's messages along the plan's hops (parallel_dims.Hop), each hop on a group of its own
+    (world.World). A rank sends on the hops it is the source of and receives on those it is a destination
+    of; a hop from a rank to itself passes through a local queue."""
 
-    Point-to-point traffic runs on groups of its own, one per direction (and one for the expert groups'
-    handover): on nccl, sends and receives between two ranks on one communicator complete in issue order,
-    so rank 0 handing over video i+1 while the DiT leader hands back video i would deadlock on one group.
-    """
-
-    def __init__(self, *, rank: int, world_size: int, dims: ParallelDims, device: torch.device,
-                 timeout_s: float | None = None, peers: Heartbeat | None = None) -> None:
+    def __init__(self, world: World, device: torch.device, peers: Heartbeat | None = None) -> None:
         """`peers`: where given, a receiver first waits for the sender's post that its message is on the
         way, for as long as the sender is alive (the work before a hand-over, a whole denoise, can take
         longer than the collective timeout), and only then receives, within the timeout."""
-        self.rank, self.dims, self.device, self._peers = rank, dims, device, peers
-        ranks = list(range(world_size))
-        self._inputs_group = new_group_with_timeout(ranks, timeout_s, device)
-        self._latents_group = new_group_with_timeout(ranks, timeout_s, device)
-        self._experts_group = new_group_with_timeout(ranks, timeout_s, device) if dims.expert_split else None
-        self._remote_dit_ranks = [r for r in dims.dit_ranks if r != 0]
-        self._local_inputs: deque[DitInputs] = deque()
-        self._local_outputs: deque[DitOutputs] = deque()
+        self.rank, self.device, self._peers = world.rank, device, peers
+        self._hops = world.hops
+        self._local: dict[str, deque] = {name: deque() for name in self._hops}
         self._pending: deque[PendingSend] = deque()
-        self.handed_over = 0
+        self.handed_over = 0  # rank 0: the videos whose inputs are on their way
 
     @property
     def ahead(self) -> int:
-        """How many videos rank 0 hands over before it awaits the first latents: with a stage split the
-        DiT ranks start on video i+1 while rank 0 decodes video i."""
-        return 2 if self.dims.stage_split or self.dims.expert_split else 1
+        """How many videos rank 0 hands over before it awaits the first latents: where the latents come
+        from another rank (a stage split, an expert split), that rank starts on video i+1 while rank 0
+        decodes video i."""
+        return 1 if self._hops[LATENTS][0].src == 0 else 2
 
-    def inputs_ready(self) -> bool:
-        """Whether take_inputs would return without this rank's other stage running first: rank 0's own
-        DiT stage waits for its encoder stage's hand-over; a receiving rank just waits for the message."""
-        return self.rank != 0 or bool(self._local_inputs)
+    def ready(self, name: str) -> bool:
+        """Whether receive(name) would return without this rank's other stage running first: a message
+        this rank sends itself must have been sent; a remote one is just waited for."""
+        hop, _ = self._hops[name]
+        return hop.src != self.rank or bool(self._local[name])
 
-    def _send(self, message: Message, dst_ranks: list[int], group: dist.ProcessGroup, channel: str) -> PendingSend:
-        pending = send_message(message, dst_ranks, self.device, group)
-        if self._peers is not None:
-            for dst in dst_ranks:
-                self._peers.post(f"handoff/{channel}/{dst}")
-        return pending
-
-    def _recv(self, kind: type[Message], src: int, group: dist.ProcessGroup, channel: str) -> Message:
-        if self._peers is not None:
-            self._peers.await_post(f"handoff/{channel}/{self.rank}", src)
-        return recv_message(kind, src, self.device, group)
-
-    # rank 0
-    def hand_over(self, inputs: DitInputs) -> None:
-        if self.dims.is_dit_rank(self.rank):
-            self._local_inputs.append(inputs)
-        if self._remote_dit_ranks:
-            self._pending.append(self._send(inputs, self._remote_dit_ranks, self._inputs_group, "inputs"))
-        self.handed_over += 1
-
-    def take_latents(self) -> torch.Tensor:
-        if self.rank == self.dims.dit_leader:
-            return self._local_outputs.popleft().latents
-        return self._recv(DitOutputs, self.dims.dit_leader, self._latents_group, "latents").latents
-
-    # DiT ranks
-    def take_inputs(self) -> DitInputs:
-        if self.rank == 0:
-            return self._local_inputs.popleft()
-        return self._recv(DitInputs, 0, self._inputs_group, "inputs")
-
-    def hand_back(self, latents: torch.Tensor) -> None:
-        """On the DiT leader: the latents of the video just denoised, to rank 0."""
-        if self.rank != self.dims.dit_leader:
+    def send(self, name: str, message: Message) -> None:
+        """On the hop's source: `message` to each destination, without waiting (a later send may pass
+        it). Elsewhere: nothing."""
+        hop, group = self._hops[name]
+        if hop.src != self.rank:
             return
-        if self.rank == 0:
-            self._local_outputs.append(DitOutputs(latents))
-        else:
-            self._send(DitOutputs(latents), [0], self._latents_group, "latents").wait()
+        if self.rank in hop.dsts:
+            self._local[name].append(message)
+        if hop.remote_dsts:
+            self._pending = deque(p for p in self._pending if not p.done())
+            self._pending.append(send_message(message, hop.remote_dsts, self.device, group))
+            if self._peers is not None:
+                for dst in hop.remote_dsts:
+                    self._peers.post(f"handoff/{name}/{dst}")
+        if name == INPUTS:
+            self.handed_over += 1
 
-    # expert split
-    def hand_to_low(self, state: SamplerState) -> None:
-        """On the high-noise group's leader: where video's sampling stands after its high-noise steps, to
-        every rank of the low-noise group; returns without waiting, so the next video can start."""
-        if self.rank != self.dims.groups[0].leader:
-            return
-        self._pending = deque(p for p in self._pending if not p.done())
-        self._pending.append(self._send(state, self.dims.groups[1].ranks, self._experts_group, "experts"))
-
-    def take_from_high(self) -> SamplerState:
-        """On a low-noise rank: the next video's sampling state."""
-        return self._recv(SamplerState, self.dims.groups[0].leader, self._experts_group, "experts")
+    def receive(self, name: str) -> Message:
+        """On a destination of the hop: its next message."""
+        hop, group = self._hops[name]
+        if hop.src == self.rank:
+            return self._local[name].popleft()
+        if self._peers is not None:
+            self._peers.await_post(f"handoff/{name}/{self.rank}", hop.src)
+        return recv_message(HOP_MESSAGES[name], hop.src, self.device, group)
 
     def finish(self) -> None:
         """Wait for the sends still in flight (their buffers must outlive them)."""
         while self._pending:
             self._pending.popleft().wait()
-

@@ -30,14 +30,16 @@ from .loading import (
 from .metrics import RankMetrics
 from .parallelize import DitHandle, parallelize_dit
 from .pipeline import ChannelCondition, DenoiseResult, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
-from .plan import EXPERT_COMPONENTS, ComponentPlan, JobPlan
+from .parallel_dims import INPUTS, LATENTS, STATE
+from .plan import BAND, EXPERT_COMPONENTS, ComponentPlan, JobPlan
 from .presets import WAN22_TI2V
 from .session import Session
-from .stage_split import DitInputs, Handoff
+from .stage_split import DitInputs, DitOutputs, Handoff
 from .text_encoding import (
     BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds, encoder_thread_count,
 )
 from .video import write_frames, write_video
+from .world import World
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,11 @@ class VaeWork:
 
     def __init__(self, plan: JobPlan, session: Session, metrics: RankMetrics, group=None) -> None:
         self.plan, self.session, self.metrics, self.group = plan, session, metrics, group
-        config = plan.config
+        self.work = plan.ranks[session.rank]
+        vae = plan.components["vae"]
         with metrics.timed("load_s"):
-            self.vae = load_vae(plan.folder, plan.components["vae"].dtype, session.device,
-                                allow_pickle=config.model.allow_pickle)
-        if config.model.vae_tiling:
+            self.vae = load_vae(plan.folder, vae.dtype, session.device, allow_pickle=plan.allow_pickle)
+        if vae.tiling:
             self.vae.enable_tiling()  # diffusers' tiles (256 px, stride 192), blended as diffusers blends them
         metrics.hold("vae", parameter_bytes(self.vae))
 
@@ -65,19 +67,20 @@ class VaeWork:
         vae_encode=patch."""
         from diffusers.utils import load_image
 
-        config, sampling = self.plan.config, self.plan.sampling
+        sampling = self.plan.sampling
+        image, *last = [load_image(path) for path in self.plan.images]
         with self.metrics.timed("encode_s"):
             return encode_image_condition(
-                load_image(config.image), self.vae, height=sampling.height, width=sampling.width,
-                num_frames=sampling.num_frames, last_image=load_image(config.last_image) if config.last_image else None,
+                image, self.vae, height=sampling.height, width=sampling.width,
+                num_frames=sampling.num_frames, last_image=last[0] if last else None,
                 first_frame_only=self.plan.family == WAN22_TI2V,
-                group=self.group if self.plan.vae_encode == "patch" else None)
+                group=self.group if self.work.condition == BAND else None)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray | None:
         """The frames on rank 0 (None elsewhere), decoded in bands with vae_decode=patch; its time and the
         peak of what it allocated go to run.json."""
         device = self.session.device
-        in_bands = self.plan.vae_decode == "patch"
+        in_bands = self.work.decode == BAND
         if in_bands:
             # Rank 0 may come late (it awaits the next prompt's encoding first): the bands' exchanges
             # should wait for its transfers only, not for that.
@@ -92,8 +95,7 @@ class EncoderStage:
     def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, vae: VaeWork,
                  condition: torch.Tensor | None = None) -> None:
         self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
-        config, folder = plan.config, plan.folder
-        allow_pickle = config.model.allow_pickle
+        folder, allow_pickle = plan.folder, plan.allow_pickle
         self.videos: list[dict] = []
         self._encode_s: dict[int, float] = {}  # per video: its prompts' encoding seconds
 
@@ -111,7 +113,7 @@ class EncoderStage:
         threads = encoder_thread_count(len(os.sched_getaffinity(0)), session.env.local_world_size) \
             if session.device.type == "cuda" and text_device.type == "cpu" else None
         encoder = TextEncoder(load_tokenizer(folder), load_model=load_model, dtype=text.dtype,
-                              cache_dir=config.embedding_cache, threads=threads,
+                              cache_dir=plan.embedding_cache, threads=threads,
                               cache_key=_weights_fingerprint(folder / text.subfolder))
         self._jobs = [PromptJob(v.index, v.prompt, plan.negative_prompt) for v in plan.videos]
         texts = {t for job in self._jobs for t in (job.prompt, job.negative_prompt) if t is not None}
@@ -121,7 +123,7 @@ class EncoderStage:
             encoder.model = load_model()
         self._encoder = encoder
         self._image_inputs: dict[str, torch.Tensor] = {"condition": condition} if plan.image_task else {}
-        if "image_encoder" in plan.components:
+        if "image_encoder" in plan.ranks[session.rank].weight_bytes:
             self._image_inputs["image_embeds"] = self._embed_image(text_device, allow_pickle)
         self._background: BackgroundEncoder | None = None
         self._results: Iterator | None = None
@@ -130,12 +132,11 @@ class EncoderStage:
         """The image's CLIP embeddings (FLF2V: the first and the last image's), once for the whole queue."""
         from diffusers.utils import load_image
 
-        config = self.plan.config
         with self.metrics.timed("load_s"):
             image_encoder, processor = load_image_encoder(
                 self.plan.folder, self.plan.components["image_encoder"].dtype, device, allow_pickle=allow_pickle)
         self.metrics.hold("image_encoder", parameter_bytes(image_encoder))
-        images = [load_image(path) for path in (config.image, config.last_image) if path]
+        images = [load_image(path) for path in self.plan.images]
         with self.metrics.timed("encode_s"):
             embeds = encode_image_embeds(images if len(images) > 1 else images[0], image_encoder, processor)
         del image_encoder
@@ -154,7 +155,7 @@ class EncoderStage:
             job, tensors, seconds = next(self._results)
             self.metrics.timings["encode_s"] = self.metrics.timings.get("encode_s", 0.0) + seconds
             self._encode_s[job.index] = seconds
-            self.handoff.hand_over(DitInputs(
+            self.handoff.send(INPUTS, DitInputs(
                 prompt_embeds=tensors["prompt_embeds"],
                 negative_prompt_embeds=tensors.get("negative_prompt_embeds"),
                 image_embeds=self._image_inputs.get("image_embeds"),
@@ -166,20 +167,18 @@ class EncoderStage:
 
     def run(self) -> Iterator[None]:
         plan, device = self.plan, self.session.device
-        config = plan.config
         for video in plan.videos:
             self._hand_over_through(video.index + self.handoff.ahead - 1)
             yield  # a DiT stage on this rank denoises the video now
-            latents = self.handoff.take_latents()
+            latents = self.handoff.receive(LATENTS).latents
             # The ordering rule: the next video is handed over before this one is decoded.
             self._hand_over_through(video.index + self.handoff.ahead)
             log.info("video %d/%d: decoding", video.index + 1, len(plan.videos))
             frames = self.vae.decode(latents)
             with self.metrics.timed("write_s"):
-                write_video(frames, plan.out_dir / video.video, plan.sampling.frame_rate,
-                            overwrite=config.output.overwrite)
+                write_video(frames, plan.out_dir / video.video, plan.sampling.frame_rate, overwrite=plan.overwrite)
                 if video.frames:
-                    write_frames(frames, plan.out_dir / video.frames, overwrite=config.output.overwrite)
+                    write_frames(frames, plan.out_dir / video.frames, overwrite=plan.overwrite)
             self.videos.append({"index": video.index, "prompt": video.prompt, "video": video.video,
                                 "frames": video.frames, "shape": list(frames.shape),
                                 "encode_s": self._encode_s.get(video.index)})
@@ -203,46 +202,44 @@ def _weights_fingerprint(folder: Path) -> str:
 
 
 class DitStage:
-    """A DiT rank's side: take the inputs, denoise, hand the latents back."""
+    """A DiT rank's side: take the inputs, denoise its group's steps, hand the state on or the latents back."""
 
-    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, mesh,
-                 shard_mesh=None, vae: VaeWork | None = None) -> None:
-        """`vae`: on a DiT rank other than rank 0 with vae_decode=patch, the VAE it decodes its band with,
-        right after each video, together with rank 0."""
+    def __init__(self, plan: JobPlan, session: Session, handoff: Handoff, metrics: RankMetrics, world: World,
+                 vae: VaeWork | None = None) -> None:
+        """`vae`: on a DiT rank other than rank 0 with the decode in bands, the VAE it decodes its band
+        with, right after each video, together with rank 0."""
         self.plan, self.session, self.handoff, self.metrics, self.vae = plan, session, handoff, metrics, vae
+        self.work = plan.ranks[session.rank].dit
         self.dtype = plan.components["dit"].dtype
-        config = plan.config
         # Each expert this rank holds (both of a two-expert model, or its group's one under an expert
         # split) is loaded and parallelized alike, with its own context cache.
-        self.experts = tuple(name for name in plan.experts if plan.holds(session.rank, name))
-        self.group = plan.dims.group_of(session.rank)
+        self.experts = self.work.experts
         self.transformers: list[torch.nn.Module] = []
         self.handles: list[DitHandle] = []
         with metrics.timed("load_s", session.device):
             for name in self.experts:
-                transformer, handle = self._load(plan.components[name], mesh, shard_mesh)
+                transformer, handle = self._load(plan.components[name], world)
                 self.transformers.append(transformer)
                 self.handles.append(handle)
                 metrics.hold(name, parameter_bytes(transformer))
             self.scheduler = load_scheduler(plan.folder, plan.sampling.scheduler, plan.sampling.flow_shift,
                                             seed=plan.seed)
-        self.cfg_group = mesh.get_group("cfg")
+        self.cfg_group = world.axis_group("cfg")
         # A rank that also encodes records its memory after each decode instead.
-        self._records_videos = not plan.holds(session.rank, "vae")
+        self._records_videos = not plan.ranks[session.rank].encodes
 
-    def _load(self, dit: ComponentPlan, mesh, shard_mesh) -> tuple[torch.nn.Module, DitHandle]:
-        plan, device = self.plan, self.session.device
-        options = dict(kernels=plan.kernels, device=device, ulysses_group=mesh.get_group("ulysses"),
-                       ring_group=mesh.get_group("ring"), context_cache=plan.config.context_cache,
+    def _load(self, dit: ComponentPlan, world: World) -> tuple[torch.nn.Module, DitHandle]:
+        plan, device, shard = self.plan, self.session.device, self.work.shard
+        options = dict(kernels=plan.kernels, device=device, ulysses_group=world.axis_group("ulysses"),
+                       ring_group=world.axis_group("ring"), context_cache=dit.context_cache,
                        storage_dtype=dit.storage_dtype, compute_dtype=dit.dtype, offload=dit.offload,
-                       compile_blocks=plan.config.compile)
-        if shard_mesh is not None:
+                       compile_blocks=dit.compile)
+        if shard is not None:
             # Parallelized on the meta device, then each rank reads only its own rows of the weights.
             transformer = build_transformer_on_meta(plan.folder, dit.dtype, dit.subfolder)
-            handle = parallelize_dit(transformer, shard_mesh=shard_mesh, **options)
+            handle = parallelize_dit(transformer, shard_mesh=world.shard_mesh, **options)
             load_transformer_sharded(transformer, plan.folder, dit.dtype, device, subfolder=dit.subfolder,
-                                     shard_rank=plan.dims.dit_ranks.index(self.session.rank),
-                                     shard_count=len(plan.dims.dit_ranks))
+                                     shard_rank=shard[0], shard_count=shard[1])
             return transformer, handle
         if dit.offload:
             # The DiT never goes to the device whole: it is read into the host memory it streams from, and
@@ -251,10 +248,9 @@ class DitStage:
             # in torch's cache of pinned memory.
             transformer = load_transformer_to_host(plan.folder, dit.dtype,
                                                    pinned=device.type == "cuda" and dit.storage_dtype is None,
-                                                   allow_pickle=plan.config.model.allow_pickle,
-                                                   subfolder=dit.subfolder)
+                                                   allow_pickle=plan.allow_pickle, subfolder=dit.subfolder)
         else:
-            transformer = load_transformer(plan.folder, dit.dtype, device, allow_pickle=plan.config.model.allow_pickle,
+            transformer = load_transformer(plan.folder, dit.dtype, device, allow_pickle=plan.allow_pickle,
                                            subfolder=dit.subfolder)
         apply_loras(transformer, list(dit.loras))
         return transformer, parallelize_dit(transformer, **options)
@@ -262,34 +258,27 @@ class DitStage:
     def run(self) -> Iterator[None]:
         plan, device = self.plan, self.session.device
         for video in plan.videos:
-            while not self.handoff.inputs_ready():
+            while not self.handoff.ready(INPUTS):
                 yield  # this rank's encoder stage hands the video over first
-            inputs = self.handoff.take_inputs()
+            inputs = self.handoff.receive(INPUTS)
             result = self._denoise(inputs, description=f"video {video.index + 1}/{len(plan.videos)}")
             for handle in self.handles:
                 if handle.context_cache is not None:
                     handle.context_cache.clear()  # this video's prompts are done: free their keys and values
             if video.index == len(plan.videos) - 1:
                 self._release()
-            if result.state is not None:
-                self.handoff.hand_to_low(result.state)  # the low-noise group takes the video from here
+            # The next group takes the video from here, or rank 0 its latents (the hop's source sends).
+            if self.work.stop is not None:
+                self.handoff.send(STATE, result.state)
             else:
-                self.handoff.hand_back(result.latents)
+                self.handoff.send(LATENTS, DitOutputs(result.latents))
             if self.vae is not None:
                 self.vae.decode(result.latents)  # this rank's band; the frames are gathered to rank 0
             if self._records_videos:
                 self.metrics.video_done(device)
 
-    def _steps(self) -> tuple[bool, int | None]:
-        """Under an expert split: whether this rank's group continues from the high-noise group's state,
-        and the step it stops before (the high-noise group's last + 1); (False, None) runs every step."""
-        if not self.plan.dims.expert_split:
-            return False, None
-        high = self.group == self.plan.dims.groups[0]
-        return not high, self.plan.expert_steps[0] if high else None
-
     def _denoise(self, inputs: DitInputs, description: str) -> DenoiseResult:
-        device, dtype, plan = self.session.device, self.dtype, self.plan
+        device, dtype, plan, work = self.session.device, self.dtype, self.plan, self.work
 
         def to_dit(tensor: torch.Tensor | None) -> torch.Tensor | None:
             return None if tensor is None else tensor.to(device=device, dtype=dtype)
@@ -297,24 +286,22 @@ class DitStage:
         # Whether there is an unconditional branch is the high-noise guidance's call (diffusers'
         # do_classifier_free_guidance); the low-noise expert combines the branches with its own scale.
         sampling = plan.sampling
-        scales = (sampling.guidance_scale, sampling.guidance_scale if sampling.guidance_scale_2 is None
-                  else sampling.guidance_scale_2)
         predictors = {name: GuidedNoise(
             transformer, prompt_embeds=to_dit(inputs.prompt_embeds),
             negative_prompt_embeds=to_dit(inputs.negative_prompt_embeds), image_embeds=to_dit(inputs.image_embeds),
-            guidance_scale=scales[EXPERT_COMPONENTS.index(name)], guided=plan.guided, cfg_group=self.cfg_group,
+            guidance_scale=sampling.expert_guidance[EXPERT_COMPONENTS.index(name)], guided=plan.guided,
+            cfg_group=self.cfg_group,
         ) for name, transformer in zip(self.experts, self.transformers)}
         boundary = None if plan.boundary_ratio is None \
             else plan.boundary_ratio * self.scheduler.config.num_train_timesteps
-        resumes, stop = self._steps()
-        # The low-noise group waits here for the high-noise group's state, outside its denoise time.
-        start = self.handoff.take_from_high() if resumes else initial_noise(plan.latent, plan.seed, device)
+        # A resuming group waits here for the previous group's state, outside its denoise time.
+        start = self.handoff.receive(STATE) if work.resumes else initial_noise(plan.latent, plan.seed, device)
         with self.metrics.timed("denoise_s", device):
             result = denoise(
                 latents=start, scheduler=self.scheduler, steps=sampling.steps,
                 experts=Experts(*(predictors.get(name) for name in EXPERT_COMPONENTS), boundary_timestep=boundary),
                 model_dtype=dtype, conditioning=self._conditioning(inputs.condition),
-                show_progress=self.session.rank == self.group.leader, description=description, stop=stop,
+                show_progress=work.leader, description=description, stop=work.stop,
             )
         self.metrics.step_seconds.append(result.step_seconds)
         return result

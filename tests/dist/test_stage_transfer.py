@@ -1,6 +1,8 @@
 """send_message / recv_message between the encoder rank and the DiT ranks, on 3 gloo ranks: the typed
 messages arrive whole (every field, dtype and shape; absent fields stay absent), in order, also between
-two ranks of a warmed-up group of three.
+two ranks of a warmed-up group of three. And the World of three layouts (stage split with FSDP, one
+sequence group holding rank 0, an expert split): every group it owns has the run's timeout and spans the
+ranks the layout says, and the Handoff carries one message along each of the layout's hops.
 
 Process start-up is the cost, so one spawned world runs every scenario and the tests check its results.
 """
@@ -12,9 +14,14 @@ from dataclasses import fields
 import pytest
 import torch
 
+import torch.distributed as dist
+
 from tests.dist_utils import run_on_ranks
+from wan_dist.parallel_dims import INPUTS, LATENTS, STATE, ParallelDims
+from wan_dist.pipeline import SamplerState
 from wan_dist.session import new_group_with_timeout
-from wan_dist.stage_split import DitInputs, DitOutputs, recv_message, send_message
+from wan_dist.stage_split import DitInputs, DitOutputs, Handoff, recv_message, send_message
+from wan_dist.world import build_world
 
 WORLD = 3
 DIT_RANKS = [1, 2]
@@ -54,9 +61,87 @@ def _transfers(rank: int, world_size: int, rounds: int):
     return received
 
 
+# (name, dims, fsdp): the World's layouts on the three ranks.
+LAYOUTS = (
+    ("stage_split_fsdp", ParallelDims(cfg=1, ring=1, ulysses=2, stage_split=True, world_size=3), True),
+    ("ulysses3", ParallelDims(cfg=1, ring=1, ulysses=3, stage_split=False, world_size=3), False),
+    ("expert_split", ParallelDims(cfg=1, ring=1, ulysses=1, stage_split=False, world_size=3, low=(1, 1, 2)), False),
+)
+WORLD_TIMEOUT_S = 17.0
+
+
+def hop_message(name: str):
+    if name == INPUTS:
+        return payload(0)
+    if name == STATE:
+        return SamplerState(latents=latents(5).latents, step_index=torch.tensor(2))
+    return latents(7)
+
+
+def _worlds(rank: int, world_size: int) -> dict:
+    cpu, seen = torch.device("cpu"), {}
+    for name, dims, fsdp in LAYOUTS:
+        world = build_world(dims, dims.hops, rank=rank, device=cpu, timeout_s=WORLD_TIMEOUT_S, fsdp=fsdp,
+                            vae_ranks=tuple(range(world_size)))
+        groups = {group_name: (dist.get_process_group_ranks(group),
+                               group._get_backend(cpu).options._timeout.total_seconds())
+                  for group_name, group in world.own_groups()}
+        handoff, received = Handoff(world, cpu), {}
+        for hop in dims.hops:
+            handoff.send(hop.name, hop_message(hop.name))
+            if rank in hop.dsts:
+                received[hop.name] = handoff.receive(hop.name)
+        handoff.finish()
+        seen[name] = {"groups": groups, "received": received}
+    return seen
+
+
+def _scenarios(rank: int, world_size: int, rounds: int) -> dict:
+    return {"transfers": _transfers(rank, world_size, rounds), "worlds": _worlds(rank, world_size)}
+
+
 @pytest.fixture(scope="module")
-def results():
-    return run_on_ranks(WORLD, _transfers, 3, timeout=120)
+def scenarios():
+    return run_on_ranks(WORLD, _scenarios, 3, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def results(scenarios):
+    return [rank["transfers"] for rank in scenarios]
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in LAYOUTS])
+def test_world_groups_have_the_timeout_and_the_layouts_ranks(scenarios, layout):
+    dims, fsdp = next((dims, fsdp) for name, dims, fsdp in LAYOUTS if name == layout)
+    for rank in range(WORLD):
+        groups = scenarios[rank]["worlds"][layout]["groups"]
+        assert {timeout for _, timeout in groups.values()} == {WORLD_TIMEOUT_S}
+        group = dims.group_of(rank)
+        if dims.is_dit_rank(rank):
+            # ulysses is the only axis of more than one rank in these layouts
+            assert groups["ulysses"][0] == group.ranks and groups["cfg"][0] == [rank]
+        else:
+            assert not {"cfg", "ring", "ulysses", "shard"} & set(groups)
+        assert ("shard" in groups) == (fsdp and dims.is_dit_rank(rank))
+        if "shard" in groups:
+            assert groups["shard"][0] == dims.dit_ranks
+        for hop in dims.hops:
+            member = rank in hop.ranks and bool(hop.remote_dsts)
+            assert (f"hop {hop.name}" in groups) == member, hop
+            if member:
+                assert groups[f"hop {hop.name}"][0] == list(hop.ranks)
+        assert groups["vae"][0] == list(range(WORLD))
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in LAYOUTS])
+def test_handoff_carries_a_message_along_each_hop(scenarios, layout):
+    dims = next(dims for name, dims, _ in LAYOUTS if name == layout)
+    for rank in range(WORLD):
+        received = scenarios[rank]["worlds"][layout]["received"]
+        wanted = [hop.name for hop in dims.hops if rank in hop.dsts]
+        assert sorted(received) == sorted(wanted)
+        for name in wanted:
+            assert_same(received[name], hop_message(name))
 
 
 def assert_same(got, want) -> None:
