@@ -12,7 +12,7 @@ inputs and sampling settings. Each memory option (presets.MEMORY_OPTIONS: FSDP, 
 storage) runs as a layout of its own beside the same layout without it; one this device cannot run (block
 offload on a CPU) is reported as n/a with the plan's reason. Reported side by side: seconds per denoising step (median after the first,
 which warms up), end-to-end seconds, peak memory per rank, speed-up over `single` and parallel efficiency,
-and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/perf.py) against the device's peak:
+and the DiT's achieved FLOP/s (counted from its dimensions, wan_dist/plan/cost.py) against the device's peak:
 the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matmul peak (one thread per
 rank) on CPU. A prompt queue compares a stage split with the same queue in one process; for a two-expert
 model (`--model bench_moe` on CPU, `t2v_a14b` on GPUs), the expert pipeline (`parallel.expert_split`) with
@@ -36,17 +36,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "launch")]  # wan_dist, and vae_bench beside this file
 
-from wan_dist.config import compose_run, is_guided  # noqa: E402
-from wan_dist.metrics import steady_step_seconds  # noqa: E402
-from wan_dist.sweep import pyplot  # noqa: E402
+from wan_dist.config.schema import compose_run, is_guided  # noqa: E402
+from wan_dist.run.metrics import steady_step_seconds  # noqa: E402
+from wan_dist.run.sweep import pyplot  # noqa: E402
 
-from wan_dist.perf import (  # noqa: E402
+from wan_dist.plan.cost import (  # noqa: E402
     CEILING_FILE, gpu_peak_tflops, scaling_table, step_flops, transfer_markdown, transfer_table,
 )
-from wan_dist.presets import LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS  # noqa: E402
-from wan_dist.sweep import collect_jobs  # noqa: E402
+from wan_dist.config.presets import LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS  # noqa: E402
+from wan_dist.run.sweep import collect_jobs  # noqa: E402
 
-# Per model: the sizes a benchmark uses unless overridden (presets.py). The real architectures are run
+# Per model: the sizes a benchmark uses unless overridden (config/presets.py). The real architectures are run
 # with random weights unless model.path is given; 480x832x81 is the 1.3B model's native size.
 MODEL_DEFAULTS = {name: list(p.bench_overrides) for name, p in MODEL_PRESETS.items() if p.bench_overrides}
 
@@ -55,8 +55,8 @@ def expert_queue_pair(world: int, num_heads: int, guidance_scale: float) -> tupl
     """The layouts a two-expert model's queue is compared in on `world` ranks: what parallel=auto picks
     there (parallel_dims' own rule) and the expert split on the same ranks, as named LAYOUTS; None where
     LAYOUTS names no such pair."""
-    from wan_dist.config import ParallelConfig
-    from wan_dist.parallel_dims import resolve_parallel_dims
+    from wan_dist.config.schema import ParallelConfig
+    from wan_dist.parallel.dims import resolve_parallel_dims
 
     dims = resolve_parallel_dims(ParallelConfig(), world_size=world, num_heads=num_heads, guidance_scale=guidance_scale)
     plain = next((layout.name for layout in LAYOUTS.values()
@@ -73,10 +73,10 @@ QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "
 def run_layouts(names: list[str], overrides: list[str], sweep_dir: Path) -> dict[str, dict]:
     """The layouts (presets.LAYOUTS) as one Hydra multirun on the torchrun launcher: each job its own
     torchrun world of the layout's size, the machine's parallel ceiling recorded right before each
-    multi-rank CPU job; then each job's run.json read back (wan_dist.sweep finds the jobs)."""
+    multi-rank CPU job; then each job's run.json read back (wan_dist.run.sweep finds the jobs)."""
     cmd = [sys.executable, str(ROOT / "launch" / "generate.py"), "-m", f"+layout={','.join(names)}", *overrides,
            "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=auto",
-           "hydra.launcher.before_job=wan_dist.perf:record_parallel_ceiling", f"hydra.sweep.dir={sweep_dir}"]
+           "hydra.launcher.before_job=wan_dist.plan.cost:record_parallel_ceiling", f"hydra.sweep.dir={sweep_dir}"]
     subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # a failed job shows as a failed row
     results = {}
     for row in collect_jobs(sweep_dir):
@@ -116,9 +116,9 @@ def run_diffusers(spec: dict) -> dict:
     import torch
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 
-    from wan_dist.loading import resolve_dtype
-    from wan_dist.metrics import peak_memory_bytes
-    from wan_dist.pipeline import StepClock
+    from wan_dist.wan.loading import resolve_dtype
+    from wan_dist.run.metrics import peak_memory_bytes
+    from wan_dist.wan.pipeline import StepClock
 
     start = time.perf_counter()
     device = torch.device(spec["device"])
@@ -166,7 +166,7 @@ def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
 
 def _peak_subprocess(device: str) -> dict:
     """Measured in a fresh process with the ranks' thread count, so it is what one rank can reach."""
-    code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.perf import measure_matmul_tflops as m; "
+    code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.plan.cost import measure_matmul_tflops as m; "
             "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32)))"
             % (str(ROOT), device))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -182,10 +182,10 @@ def refused_here(overrides: list[str], names: list[str]) -> dict[str, str]:
 
     import torch
 
-    from wan_dist.attention import device_capability
-    from wan_dist.errors import ConfigError
-    from wan_dist.inputs import DeviceFacts, prepare
-    from wan_dist.plan import resolve
+    from wan_dist.parallel.attention import device_capability
+    from wan_dist.config.errors import ConfigError
+    from wan_dist.plan.inputs import DeviceFacts, prepare
+    from wan_dist.plan.job import resolve
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     facts = DeviceFacts(device.type, device_capability(device))
@@ -319,9 +319,9 @@ def write_tables(report: dict, path: Path) -> None:
                          f"| {mib(without['dit_bytes']) if without else ''} | {mib(with_['dit_bytes']) if with_ else ''} |")
     if report.get("transfers"):
         lines += ["", "FSDP's all-gather and block offload's copy per block against the block's compute, predicted "
-                  "from this run's single s/step (wan_dist/perf.py):", "", transfer_markdown(report["transfers"])]
+                  "from this run's single s/step (wan_dist/plan/cost.py):", "", transfer_markdown(report["transfers"])]
     if report.get("scaling"):
-        lines += ["", "Predicted step time on more GPUs (wan_dist/perf.py's model, from this run's single s/step):",
+        lines += ["", "Predicted step time on more GPUs (wan_dist/plan/cost.py's model, from this run's single s/step):",
                   "", "| mode | GPUs | link | compute s | communication s | step s | speedup |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for p in report["scaling"]:
@@ -370,10 +370,10 @@ def resolve_run(overrides: list[str]) -> dict:
     model built if it is a built preset), so that diffusers gets exactly the same."""
     import torch
 
-    from wan_dist.building import model_folder
-    from wan_dist.checks import validate_run
-    from wan_dist.loading import read_component_config
-    from wan_dist.pipeline import latent_shape
+    from wan_dist.wan.building import model_folder
+    from wan_dist.plan.checks import validate_run
+    from wan_dist.wan.loading import read_component_config
+    from wan_dist.wan.pipeline import latent_shape
 
     run = _compose(overrides)
     facts = validate_run(run)

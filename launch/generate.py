@@ -27,16 +27,16 @@ from omegaconf.errors import OmegaConfBaseException
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wan_dist.allocator import keep_freed_host_memory  # noqa: E402
-from wan_dist.cpu_affinity import pin_cpu_rank  # noqa: E402
-from wan_dist.checks import validate_run  # noqa: E402
-from wan_dist.config import RunConfig, register_configs  # noqa: E402
-from wan_dist.errors import ConfigError  # noqa: E402
-from wan_dist.hydra_errors import check_schema_keys, composition_error_line  # noqa: E402
-from wan_dist.plan import write_plan  # noqa: E402
-from wan_dist.runner import generate, plan_job  # noqa: E402
-from wan_dist.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
-from wan_dist.sweep import shared_embedding_cache  # noqa: E402
+from wan_dist.run.allocator import keep_freed_host_memory  # noqa: E402
+from wan_dist.run.cpu_affinity import pin_cpu_rank  # noqa: E402
+from wan_dist.plan.checks import validate_run  # noqa: E402
+from wan_dist.config.schema import RunConfig, register_configs  # noqa: E402
+from wan_dist.config.errors import ConfigError  # noqa: E402
+from wan_dist.config.hydra_errors import check_schema_keys, composition_error_line  # noqa: E402
+from wan_dist.plan.job import write_plan  # noqa: E402
+from wan_dist.run.runner import generate, plan_job  # noqa: E402
+from wan_dist.parallel.session import PeerLostError, Terminated, distributed_session, raise_terminated, rank_env  # noqa: E402
+from wan_dist.run.sweep import shared_embedding_cache  # noqa: E402
 
 log = logging.getLogger("wan_dist")
 register_configs()

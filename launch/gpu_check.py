@@ -81,7 +81,7 @@ NOT_SHOWN_ON_ONE_GPU = [
 
 # What the project imports where the run needs it (xfuser and yunchang lazily, in the attention layer);
 # xfuser's attention layer needs triton, which only CUDA builds of torch bring.
-PROJECT_IMPORTS = ["wan_dist.runner", "wan_dist.attention", "yunchang", "hydra", "imageio_ffmpeg"]
+PROJECT_IMPORTS = ["wan_dist.run.runner", "wan_dist.parallel.attention", "yunchang", "hydra", "imageio_ffmpeg"]
 CUDA_IMPORTS = ["xfuser.core.long_ctx_attention"]
 
 
@@ -164,8 +164,8 @@ def preflight(allow_cpu: bool, imports: list[str], out: Path) -> dict[str, Any]:
     # The 1.3B folder (2.8 GB), its run and diffusers' beside it.
     if min(disk.values()) < 8:
         problems.append(f"under 8 GiB free on disk: {disk}")
-    if cuda and "wan_dist.attention" in modules and "error" not in modules["wan_dist.attention"]:
-        from wan_dist.attention import available_kernels
+    if cuda and "wan_dist.parallel.attention" in modules and "error" not in modules["wan_dist.parallel.attention"]:
+        from wan_dist.parallel.attention import available_kernels
 
         facts["kernels"] = available_kernels(torch.device("cuda", 0))
     return {"ok": not problems, "problems": problems, **facts}
@@ -212,7 +212,7 @@ def _block_kernels(cuda: bool) -> dict[str, tuple[Callable, list]]:
 
     import torch
 
-    from wan_dist.attention import _attention_with_lse, installed_kernel_libraries
+    from wan_dist.parallel.attention import _attention_with_lse, installed_kernel_libraries
 
     halves = [torch.bfloat16, torch.float16]
     if not cuda:

@@ -9,7 +9,7 @@ The same overrides as launch/generate.py, plus `plan.world_sizes` (default [1,2,
 (default [24,48,80]) and `plan.out` (a JSON file). A real preset without `model.path` is planned from its
 architecture's shapes alone (a folder of configs and header-only weights, no download). Settings given
 explicitly (a preset, degrees, `parallel.fsdp`, `parallel.vae_decode`) are kept; the planner
-(wan_dist/planner.py, the same `parallel=auto` runs with a GPU's free memory) fills only what is left open,
+(wan_dist/plan/planner.py, the same `parallel=auto` runs with a GPU's free memory) fills only what is left open,
 step by step until a layout fits within 90% of the GPU's memory.
 """
 
@@ -24,15 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wan_dist.building import ensure_shapes_folder  # noqa: E402
-from wan_dist.config import compose_run  # noqa: E402
-from wan_dist.errors import ConfigError  # noqa: E402
-from wan_dist.loading import read_component_config  # noqa: E402
-from wan_dist.perf import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
-from wan_dist.inputs import DeviceFacts, Inputs, prepare  # noqa: E402
-from wan_dist.plan import JobPlan  # noqa: E402
-from wan_dist.planner import Choice, choose, given_keys  # noqa: E402
-from wan_dist.presets import MODEL_PRESETS  # noqa: E402
+from wan_dist.wan.building import ensure_shapes_folder  # noqa: E402
+from wan_dist.config.schema import compose_run  # noqa: E402
+from wan_dist.config.errors import ConfigError  # noqa: E402
+from wan_dist.wan.loading import read_component_config  # noqa: E402
+from wan_dist.plan.cost import HOST_LINK, NVLINK, PCIE, estimated_step_s, mode_of, predict_transfer  # noqa: E402
+from wan_dist.plan.inputs import DeviceFacts, Inputs, prepare  # noqa: E402
+from wan_dist.plan.job import JobPlan  # noqa: E402
+from wan_dist.plan.planner import Choice, choose, given_keys  # noqa: E402
+from wan_dist.config.presets import MODEL_PRESETS  # noqa: E402
 
 HOPPER = (9, 0)  # the kernels are chosen for an H100-class GPU; memory does not depend on it
 DEFAULTS = {"world_sizes": [1, 2, 4, 8], "gpu_memory_gib": [24, 48, 80], "out": None}
@@ -75,7 +75,7 @@ def plan_for(run, inputs: Inputs, given: frozenset[str], world_size: int, gpu_gi
 
 def transfers(plan: JobPlan) -> list[dict]:
     """FSDP's all-gather (over NVLink and PCIe) or offload's copy per block against the block's compute on
-    an H100-class GPU (wan_dist/perf.py), for a plan that shards or streams the DiT."""
+    an H100-class GPU (wan_dist/plan/cost.py), for a plan that shards or streams the DiT."""
     dit = plan.components["dit"]
     option = "fsdp" if plan.fsdp else "offload" if dit.offload else None
     if option is None:

@@ -1,4 +1,4 @@
-"""Time the VAE decode alone, on one rank against several (patch-parallel bands, wan_dist/vae_patch.py).
+"""Time the VAE decode alone, on one rank against several (patch-parallel bands, wan_dist/parallel/vae_bands.py).
 
     python launch/vae_bench.py                                  # Wan2.1 VAE, 64x64 px, 5 frames, 1 and 2 ranks
     python launch/vae_bench.py --ranks 1 2 4 --height 96 --width 160 --num-frames 9 --json vae_bench.json
@@ -7,7 +7,7 @@
 The VAE is the real Wan2.1 architecture (base_dim 96, dim_mult 1,2,4,4, two residual blocks, z_dim 16)
 with random weights, fp32 on CPU, one thread per rank, each rank its own process on gloo. Each world
 decodes the same latents twice: first counting live tensor bytes (the per-rank peak; wan_dist/
-live_memory.py), then timed between barriers (the gather to rank 0 included). Reported per world: the
+parallel/live_memory.py), then timed between barriers (the gather to rank 0 included). Reported per world: the
 seconds, the speed-up over the first world, each rank's peak and the largest difference from the first
 world's video (the bands are exact, so it is at rounding level). On a shared or virtual machine the
 speed-up also says how much of a second core there was.
@@ -46,8 +46,8 @@ def _worker(rank: int, world: int, port: int, config: dict, latent_shape: tuple,
     import torch.distributed as dist
     from diffusers import AutoencoderKLWan
 
-    from wan_dist.live_memory import LiveTensorBytes
-    from wan_dist.vae_patch import decode_patch_parallel
+    from wan_dist.parallel.live_memory import LiveTensorBytes
+    from wan_dist.parallel.vae_bands import decode_patch_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -13,8 +13,8 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from wan_dist.building import build_tiny_model  # noqa: E402
-from wan_dist.presets import ModelSpec  # noqa: E402
+from wan_dist.wan.building import build_tiny_model  # noqa: E402
+from wan_dist.config.presets import ModelSpec  # noqa: E402
 
 from tests.matrix import FOLDER_SPECS  # noqa: E402
 
@@ -90,7 +90,7 @@ def write_random_lora(folder: Path, path: Path, rank: int = 4, seed: int = 1, su
     """A random LoRA for the DiT in `subfolder` (`transformer_2`: a two-expert model's low-noise expert)."""
     from safetensors.torch import save_file
 
-    from wan_dist.loading import read_component_config
+    from wan_dist.wan.loading import read_component_config
 
     config = read_component_config(folder, subfolder)
     inner = config["num_attention_heads"] * config["attention_head_dim"]
@@ -115,7 +115,7 @@ def write_lightx2v_lora(folder: Path, path: Path, rank: int = 4, alpha: float = 
     drops (zeros in the published files)."""
     from safetensors.torch import save_file
 
-    from wan_dist.loading import read_component_config
+    from wan_dist.wan.loading import read_component_config
 
     config = read_component_config(folder, "transformer")
     inner = config["num_attention_heads"] * config["attention_head_dim"]

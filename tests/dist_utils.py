@@ -28,7 +28,7 @@ from tests.launching import free_port
 # forking it is safe.
 multiprocessing_context = multiprocessing.get_context("forkserver")
 multiprocessing_context.set_forkserver_preload([
-    "torch", "tests.modes", "wan_dist.stages", "diffusers.models.transformers.transformer_wan",
+    "torch", "tests.modes", "wan_dist.run.stages", "diffusers.models.transformers.transformer_wan",
     "diffusers.models.autoencoders.autoencoder_kl_wan", "transformers.models.umt5.modeling_umt5",
 ])
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, replace
 import pytest
 
 from tests.modes import Case
-from wan_dist.config import compose_run
-from wan_dist.presets import WAN22_EXPERTS, WAN22_TI2V, ModelSpec
+from wan_dist.config.schema import compose_run
+from wan_dist.config.presets import WAN22_EXPERTS, WAN22_TI2V, ModelSpec
 
 
 @dataclass(frozen=True)

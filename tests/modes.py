@@ -1,4 +1,4 @@
-"""Running `wan_dist.runner.generate` for several parallel layouts inside one spawned world, so the
+"""Running `wan_dist.run.runner.generate` for several parallel layouts inside one spawned world, so the
 process start cost is paid once per world size. Each case goes through the real plan, its degrees given
 explicitly."""
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from wan_dist.checks import validate_run
-from wan_dist.config import LoraConfig, RunConfig
-from wan_dist.runner import generate, plan_job
-from wan_dist.session import RankEnv, Session
+from wan_dist.plan.checks import validate_run
+from wan_dist.config.schema import LoraConfig, RunConfig
+from wan_dist.run.runner import generate, plan_job
+from wan_dist.parallel.session import RankEnv, Session
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from pathlib import Path
 
-from wan_dist.config import RunConfig
-from wan_dist.inputs import DeviceFacts, prepare
-from wan_dist.plan import JobPlan
-from wan_dist.planner import plan_run
+from wan_dist.config.schema import RunConfig
+from wan_dist.plan.inputs import DeviceFacts, prepare
+from wan_dist.plan.job import JobPlan
+from wan_dist.plan.planner import plan_run
 
 CPU = DeviceFacts("cpu")
 

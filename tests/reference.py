@@ -30,7 +30,7 @@ def reference_frames(
     if scheduler == "euler":
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=flow_shift)
     elif scheduler in ("euler_distill", "lcm_distill"):
-        from wan_dist.schedulers import DistilledEulerScheduler
+        from wan_dist.wan.schedulers import DistilledEulerScheduler
 
         pipe.scheduler = DistilledEulerScheduler.from_config(pipe.scheduler.config, shift=flow_shift,
                                                              stochastic_sampling=scheduler == "lcm_distill")
@@ -38,7 +38,7 @@ def reference_frames(
     else:
         pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
     if lora:
-        from wan_dist.config import lora_experts
+        from wan_dist.config.schema import lora_experts
 
         # (path, scale) or (path, scale, expert): into the experts diffusers' load_into_transformer_2 picks.
         adapters: dict[int, tuple[list[str], list[float]]] = {}
@@ -53,7 +53,7 @@ def reference_frames(
     if vae_tiling:
         pipe.vae.enable_tiling()
     if dit_storage_dtype != "auto":
-        from wan_dist.loading import STORAGE_DTYPES_BY_NAME
+        from wan_dist.wan.loading import STORAGE_DTYPES_BY_NAME
 
         pipe.transformer.enable_layerwise_casting(storage_dtype=STORAGE_DTYPES_BY_NAME[dit_storage_dtype],
                                                   compute_dtype=torch.float32)

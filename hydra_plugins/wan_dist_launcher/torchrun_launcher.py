@@ -54,7 +54,7 @@ class TorchrunLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from wan_dist.session import rank_env
+        from wan_dist.parallel.session import rank_env
 
         if rank_env().launcher != "python":
             # Already one rank of a torchrun/srun world (`torchrun ... generate.py -m ...`): starting
@@ -76,7 +76,7 @@ class TorchrunLauncher(Launcher):
             log.error("%d of %d jobs failed", len(failed), len(returns))
             # Hydra's sweeper raises on a failed job before the end-of-sweep callbacks run, so the summary
             # of what did finish is written here.
-            from wan_dist.sweep import write_summary
+            from wan_dist.run.sweep import write_summary
 
             write_summary(self.config.hydra.sweep.dir)
         return returns
@@ -93,7 +93,7 @@ class TorchrunLauncher(Launcher):
         nproc = self._nproc(sweep_config)
         args = list(overrides)
         if self.share_embedding_cache and OmegaConf.select(sweep_config, "embedding_cache") is None:
-            from wan_dist.sweep import shared_embedding_cache
+            from wan_dist.run.sweep import shared_embedding_cache
 
             args.append(f"embedding_cache={shared_embedding_cache(sweep_config.hydra.sweep.dir).resolve()}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -118,8 +118,8 @@ class TorchrunLauncher(Launcher):
     def _nproc(self, sweep_config: DictConfig) -> int:
         if self.nproc_per_node != "auto":
             return int(self.nproc_per_node)
-        from wan_dist.config import ParallelConfig
-        from wan_dist.parallel_dims import pinned_world_size
+        from wan_dist.config.schema import ParallelConfig
+        from wan_dist.parallel.dims import pinned_world_size
 
         parallel = OmegaConf.to_object(sweep_config.parallel)
         assert isinstance(parallel, ParallelConfig)

@@ -129,7 +129,7 @@ def run_cases(rank: int, world_size: int, device_type: str, cases: list[Case]) -
     """Per case: this rank's max error on its real rows, whether all rows are finite, and more."""
     from yunchang.globals import PROCESS_GROUP
 
-    from wan_dist.attention import SequenceParallelAttention
+    from wan_dist.parallel.attention import SequenceParallelAttention
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     meshes: dict = {}

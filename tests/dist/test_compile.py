@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.loading import load_transformer
+from wan_dist.wan.loading import load_transformer
 
 KERNELS = {"self_attention": "sdpa", "cross_attention": "sdpa", "sequence_parallel": "sdpa"}
 # Inductor reorders the fp32 sums; anything wrong in a traced hook would be off by the weights' size.
@@ -21,7 +21,7 @@ CLOSE = 1e-5
 def _forwards(rank: int, world_size: int, folder: str, *, fp8: bool, shard: bool, compile_blocks: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     model = load_transformer(folder, torch.float32, torch.device("cpu"))
     # No sequence split: each rank its own one-rank group (every rank creates every group, in order).

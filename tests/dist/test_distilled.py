@@ -13,9 +13,9 @@ import pytest
 from tests.conftest import write_lightx2v_lora
 from tests.matrix import DISTILLED, group, params
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.checks import check_loras, validate_run
-from wan_dist.config import RunConfig, compose_run
-from wan_dist.loading import load_scheduler, read_component_config
+from wan_dist.plan.checks import check_loras, validate_run
+from wan_dist.config.schema import RunConfig, compose_run
+from wan_dist.wan.loading import load_scheduler, read_component_config
 
 # LightX2V's training timesteps: 1000, 750, 500, 250 shifted by 5 (its WanStepDistillScheduler).
 LIGHTX2V_TIMESTEPS = [1000.0, 937.5, 2500.0 / 3, 625.0]

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from tests.dist.test_parallelize import _inputs
 from tests.dist_utils import run_on_ranks
-from wan_dist.loading import load_transformer_to_host
+from wan_dist.wan.loading import load_transformer_to_host
 
 KERNELS = {"self_attention": "sdpa", "cross_attention": "sdpa", "sequence_parallel": "sdpa"}
 
@@ -25,7 +25,7 @@ def _offload_hooks(model: torch.nn.Module) -> int:
 
 
 def _outputs(rank: int, world_size: int, folder: str) -> dict:
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     group, single = dist.new_group(list(range(world_size))), dist.new_group([rank])
     found = {}

@@ -13,7 +13,7 @@ import torch
 from tests.dist_utils import run_on_ranks
 from tests.matrix import group, params
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.loading import component_weight_bytes
+from wan_dist.wan.loading import component_weight_bytes
 
 NAMES = params(group("fp8"))
 
@@ -68,8 +68,8 @@ def _sharded_fp8_forward(rank: int, world_size: int, folder: str, dtype: torch.d
     from torch.distributed.device_mesh import init_device_mesh
 
     from tests.dist.test_parallelize import _inputs
-    from wan_dist.loading import build_transformer_on_meta, load_transformer, load_transformer_sharded
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.wan.loading import build_transformer_on_meta, load_transformer, load_transformer_sharded
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     cpu, single = torch.device("cpu"), dist.new_group([rank])
     model = build_transformer_on_meta(Path(folder), dtype)

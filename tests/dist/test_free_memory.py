@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.inputs import DeviceFacts, agreed_device_facts
-from wan_dist.session import RankEnv, Session
+from wan_dist.plan.inputs import DeviceFacts, agreed_device_facts
+from wan_dist.parallel.session import RankEnv, Session
 
 FREE = (80 * 2**30, 23 * 2**30 + 17)  # rank 1 has less: another process holds memory on its GPU
 

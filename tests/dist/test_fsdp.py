@@ -10,7 +10,7 @@ import pytest
 
 from tests.matrix import group, params
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.loading import component_weight_bytes
+from wan_dist.wan.loading import component_weight_bytes
 
 NAMES = params(group("fsdp"))
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.memory import block_activation_bytes
+from wan_dist.plan.memory import block_activation_bytes
 
 TOKENS = 1800  # the whole sequence; 900 per rank
 # Attention-bound blocks (a narrow FFN), where the sequence-parallel phases could set the peak, in both
@@ -19,10 +19,10 @@ CASES = [(axis, 8, 64, 512, dtype) for axis in ("ulysses", "ring") for dtype in 
 
 
 def _measure(rank: int, world_size: int, cases: list[tuple]) -> dict[tuple, int]:
-    from wan_dist.building import build_transformer
-    from wan_dist.memory import measure_peak_bytes
-    from wan_dist.parallelize import parallelize_dit
-    from wan_dist.presets import ModelSpec
+    from wan_dist.wan.building import build_transformer
+    from wan_dist.plan.memory import measure_peak_bytes
+    from wan_dist.parallel.parallelize import parallelize_dit
+    from wan_dist.config.presets import ModelSpec
 
     everyone, alone = dist.new_group(list(range(world_size))), dist.new_group([rank])
     measured = {}

@@ -13,8 +13,8 @@ import pytest
 
 from tests.matrix import group, params
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.config import RunConfig
-from wan_dist.sampling import SCHEDULER_CONFIG
+from wan_dist.config.schema import RunConfig
+from wan_dist.plan.sampling import SCHEDULER_CONFIG
 
 
 @pytest.mark.parametrize("name", params(group("layouts")))

@@ -7,9 +7,9 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.loading import load_transformer
-from wan_dist.model_hooks import ModelHooks
-from wan_dist.sequence_parallel import Gather, Split, _apply_plan, _ShardLayout
+from wan_dist.wan.loading import load_transformer
+from wan_dist.parallel.model_hooks import ModelHooks
+from wan_dist.parallel.sequence import Gather, Split, _apply_plan, _ShardLayout
 
 
 def _inputs(config: dict, seed: int = 0) -> dict:
@@ -29,7 +29,7 @@ def _state(model: torch.nn.Module) -> tuple:
 
 
 def _roundtrip(rank: int, world_size: int, folder: str) -> dict:
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     model = load_transformer(folder, torch.float32, torch.device("cpu"))
     inputs = _inputs(model.config)

@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.parallel_dims import INPUTS, LATENTS, STATE, ParallelDims
-from wan_dist.pipeline import SamplerState
-from wan_dist.session import new_group_with_timeout
-from wan_dist.stage_split import DitInputs, DitOutputs, Handoff, recv_message, send_message
-from wan_dist.world import build_world
+from wan_dist.parallel.dims import INPUTS, LATENTS, STATE, ParallelDims
+from wan_dist.wan.pipeline import SamplerState
+from wan_dist.parallel.session import new_group_with_timeout
+from wan_dist.parallel.handoff import DitInputs, DitOutputs, Handoff, recv_message, send_message
+from wan_dist.parallel.world import build_world
 
 WORLD = 3
 DIT_RANKS = [1, 2]

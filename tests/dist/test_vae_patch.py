@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.dist_utils import run_on_ranks
-from wan_dist.live_memory import LiveTensorBytes
-from wan_dist.vae_patch import (
+from wan_dist.parallel.live_memory import LiveTensorBytes
+from wan_dist.parallel.vae_bands import (
     apply_patch_parallel, check_bands, decode_patch_parallel, decode_peak_bytes, encode_bands,
     encode_patch_parallel,
 )

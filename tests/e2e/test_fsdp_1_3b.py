@@ -41,7 +41,7 @@ def _run(out: Path, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_sharded_1_3b_holds_half_and_gives_the_same_frames(tmp_path):
-    from wan_dist.building import ensure_tiny_model
+    from wan_dist.wan.building import ensure_tiny_model
 
     ensure_tiny_model("t2v_1_3b")  # here, so that neither run's rank 0 builds it (its RSS would show)
     whole = _run(tmp_path / "whole", "parallel.fsdp=false")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.building import TINY_FORMAT_VERSION
+from wan_dist.wan.building import TINY_FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ("steps=1", "height=32", "width=32", "num_frames=5")

@@ -27,8 +27,8 @@ def _resident_bytes() -> int:
 def host_load(rank: int, world_size: int, folder: str, device_type: str) -> dict:
     """In a fresh rank process: the resident bytes before loading the DiT for offload and the peak through
     the load and the offload step, the DiT's bytes, and how many of its weights are pinned."""
-    from wan_dist.loading import load_transformer_to_host, parameter_bytes
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.wan.loading import load_transformer_to_host, parameter_bytes
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     single = dist.new_group([rank])
@@ -50,7 +50,7 @@ def assert_one_copy(found: dict) -> None:
 
 @pytest.mark.slow
 def test_loading_for_offload_holds_one_copy_of_the_dit():
-    from wan_dist.building import ensure_tiny_model
+    from wan_dist.wan.building import ensure_tiny_model
 
     found = run_on_ranks(1, host_load, str(ensure_tiny_model("t2v_1_3b")), "cpu", timeout=600)[0]
     assert_one_copy(found)

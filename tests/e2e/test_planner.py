@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_dist.building import TINY_FORMAT_VERSION
+from wan_dist.wan.building import TINY_FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import pytest
 
 from tests.launching import launch_env
 from tests.reference import TOLERANCE, max_abs_error, reference_frames
-from wan_dist.building import TINY_FORMAT_VERSION
+from wan_dist.wan.building import TINY_FORMAT_VERSION
 from tests.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parents[2]

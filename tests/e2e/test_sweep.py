@@ -100,7 +100,7 @@ def test_jobs_compose_from_the_sweeps_config_dir(tmp_path):
     (extra / "model").mkdir(parents=True)
     import yaml
 
-    from wan_dist.presets import MODEL_PRESETS
+    from wan_dist.config.presets import MODEL_PRESETS
 
     node = MODEL_PRESETS["tiny"].hydra_node()
     (extra / "model" / "tiny_short.yaml").write_text("# @package _global_\n" + yaml.safe_dump({**node, "num_frames": 5}))

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wan_dist.building import build_tiny_model
-from wan_dist.presets import ModelSpec
+from wan_dist.wan.building import build_tiny_model
+from wan_dist.config.presets import ModelSpec
 
 GPU_HEAD_DIM = 16
 

@@ -43,7 +43,7 @@ CASES_2 = [
 def _expected_layer(case: Case) -> str:
     """The kernel choose_kernel gives for the case (its head dim padded to a multiple of 8 first), or the
     masked kernel where the tokens are padded."""
-    from wan_dist.attention import choose_kernel, device_capability, installed_kernel_libraries
+    from wan_dist.parallel.attention import choose_kernel, device_capability, installed_kernel_libraries
 
     if case.pad:
         return "masked"
@@ -67,7 +67,7 @@ def _check(per_rank: list[dict[str, dict]], cases: list[Case]) -> None:
 
 
 def _kernels() -> list[str]:
-    from wan_dist.attention import available_kernels
+    from wan_dist.parallel.attention import available_kernels
 
     return available_kernels(torch.device("cuda")) if torch.cuda.is_available() else ["sdpa"]
 

@@ -26,7 +26,7 @@ def _gpus() -> int:
 def _planned_kernel(requested: str, dtype: torch.dtype) -> str:
     """What choose_kernel gives the tiny GPU model on this device."""
     from tests.gpu.conftest import GPU_HEAD_DIM
-    from wan_dist.attention import choose_kernel, device_capability, installed_kernel_libraries
+    from wan_dist.parallel.attention import choose_kernel, device_capability, installed_kernel_libraries
 
     return choose_kernel(requested, capability=device_capability(torch.device("cuda", 0)), dtype=dtype,
                          head_dim=GPU_HEAD_DIM, installed=installed_kernel_libraries())
@@ -126,10 +126,10 @@ def test_step_loop_never_waits_for_the_gpu(gpu_t2v_folder):
     the step clock. Only the steps are checked: `set_timesteps` copies the timesteps from the host before
     the loop. The Euler sampler is used because UniPC's order-2 corrector solves a 2x2 system with
     torch.linalg.solve on the device, which checks its result on the host (diffusers' code, not ours)."""
-    from wan_dist.cfg_parallel import GuidedNoise
-    from wan_dist.context_cache import cache_context_kv
-    from wan_dist.loading import load_scheduler, load_transformer, read_component_config
-    from wan_dist.pipeline import Experts, denoise, initial_noise, latent_shape
+    from wan_dist.parallel.cfg import GuidedNoise
+    from wan_dist.parallel.context_cache import cache_context_kv
+    from wan_dist.wan.loading import load_scheduler, load_transformer, read_component_config
+    from wan_dist.wan.pipeline import Experts, denoise, initial_noise, latent_shape
 
     device = torch.device("cuda", 0)
     transformer = load_transformer(gpu_t2v_folder, torch.bfloat16, device)
@@ -161,9 +161,9 @@ def test_step_loop_never_waits_for_the_gpu(gpu_t2v_folder):
 def test_context_cache_is_exact_with_every_kernel(gpu_t2v_folder, kernel, backend_first):
     """bf16 on the GPU, the diffusers attention backend set before or after the cache is installed: the
     cached steps equal diffusers' own processors bit for bit."""
-    from wan_dist.attention import DIFFUSERS_BACKENDS, available_kernels
-    from wan_dist.context_cache import cache_context_kv
-    from wan_dist.loading import load_transformer, read_component_config
+    from wan_dist.parallel.attention import DIFFUSERS_BACKENDS, available_kernels
+    from wan_dist.parallel.context_cache import cache_context_kv
+    from wan_dist.wan.loading import load_transformer, read_component_config
 
     device = torch.device("cuda", 0)
     if kernel not in available_kernels(device):

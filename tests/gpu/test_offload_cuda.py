@@ -37,8 +37,8 @@ def test_offloaded_run_gives_the_same_frames(gpu_t2v_folder, tmp_path):
 @pytest.fixture(scope="module")
 def deep_folder(tmp_path_factory):
     """Eight blocks that outweigh the embeddings, unlike the tiny model's two: what offload saves shows."""
-    from wan_dist.building import build_tiny_model
-    from wan_dist.presets import ModelSpec
+    from wan_dist.wan.building import build_tiny_model
+    from wan_dist.config.presets import ModelSpec
 
     return build_tiny_model(tmp_path_factory.mktemp("deep"), ModelSpec(task="t2v", heads=2, head_dim=64, layers=8,
                                                                       ffn_dim=512))
@@ -53,8 +53,8 @@ def _inputs(config, device: torch.device) -> dict:
 
 
 def _device_bytes(rank: int, world_size: int, folder: str) -> dict:
-    from wan_dist.loading import load_transformer, parameter_bytes
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.wan.loading import load_transformer, parameter_bytes
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     device = torch.device("cuda", rank)
     single = dist.new_group([rank])
@@ -102,8 +102,8 @@ def _lead(rank: int, world_size: int, folder: str) -> dict:
     host reached the block (a drained stream), and the forward's device peak against the blocks' bytes."""
     from functools import partial
 
-    from wan_dist.loading import load_transformer_to_host, parameter_bytes
-    from wan_dist.parallelize import parallelize_dit
+    from wan_dist.wan.loading import load_transformer_to_host, parameter_bytes
+    from wan_dist.parallel.parallelize import parallelize_dit
 
     device = torch.device("cuda", rank)
     single = dist.new_group([rank])
@@ -148,7 +148,7 @@ def test_offload_never_drains_the_stream_and_holds_three_blocks(deep_folder):
 
 
 def test_loading_for_offload_holds_one_pinned_copy():
-    from wan_dist.building import ensure_tiny_model
+    from wan_dist.wan.building import ensure_tiny_model
 
     found = run_on_ranks(1, host_load, str(ensure_tiny_model("t2v_1_3b")), "cuda", backend="nccl", timeout=600)[0]
     assert_one_copy(found)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from wan_dist.allocator import keep_freed_host_memory
+from wan_dist.run.allocator import keep_freed_host_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_dist.attention import _attention_with_lse, choose_kernel, usable_kernels
-from wan_dist.config import ConfigError
+from wan_dist.parallel.attention import _attention_with_lse, choose_kernel, usable_kernels
+from wan_dist.config.schema import ConfigError
 
 ALL = frozenset({"flash_attn", "flash_attn_3", "cudnn"})
 HOPPER, AMPERE, TURING = (9, 0), (8, 0), (7, 5)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from wan_dist.checks import read_prompts, validate_run
-from wan_dist.config import ConfigError, LoraConfig, RunConfig, compose_run
+from wan_dist.plan.checks import read_prompts, validate_run
+from wan_dist.config.schema import ConfigError, LoraConfig, RunConfig, compose_run
 
 
 
@@ -376,7 +376,7 @@ def test_seed_out_of_range(seed):
 
 
 def test_model_limits_from_the_folder_configs():
-    from wan_dist.checks import check_model_limits
+    from wan_dist.plan.checks import check_model_limits
 
     vae = {"scale_factor_spatial": 16, "scale_factor_temporal": 4}
     dit = {"patch_size": [1, 2, 2], "rope_max_seq_len": 32}

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from wan_dist.context_cache import ContextCache, cache_context_kv
-from wan_dist.loading import load_transformer, read_component_config
+from wan_dist.parallel.context_cache import ContextCache, cache_context_kv
+from wan_dist.wan.loading import load_transformer, read_component_config
 
 
 def _model_and_inputs(folder, task: str):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from wan_dist.cpu_affinity import rank_cores
+from wan_dist.run.cpu_affinity import rank_cores
 
 
 def test_ranks_share_out_the_cores_in_order():
@@ -34,7 +34,7 @@ def test_every_thread_of_the_process_is_pinned_even_those_started_before():
     """In a child process, so that this test process keeps its cores."""
     code = (
         "import os, threading, time\n"
-        "from wan_dist.cpu_affinity import pin_cpu_rank\n"
+        "from wan_dist.run.cpu_affinity import pin_cpu_rank\n"
         "stop = threading.Event()\n"
         "early = threading.Thread(target=stop.wait); early.start()\n"
         "cores = pin_cpu_rank(1, 2, 1)\n"

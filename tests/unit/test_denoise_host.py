@@ -9,8 +9,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from torch.overrides import TorchFunctionMode
 
-from wan_dist.pipeline import Experts, denoise, high_noise_steps
-from wan_dist.schedulers import DistilledEulerScheduler
+from wan_dist.wan.pipeline import Experts, denoise, high_noise_steps
+from wan_dist.wan.schedulers import DistilledEulerScheduler
 
 # What makes the host wait for a device tensor's value.
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,

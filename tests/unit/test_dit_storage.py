@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from tests.planning import plan_of
-from wan_dist.checks import validate_run
-from wan_dist.config import RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.inputs import DeviceFacts
-from wan_dist.loading import STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters
-from wan_dist.loading import load_transformer, parameter_bytes
+from wan_dist.plan.checks import validate_run
+from wan_dist.config.schema import RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.plan.inputs import DeviceFacts
+from wan_dist.wan.loading import STORAGE_DTYPES_BY_NAME, component_weight_bytes, layerwise_cast_parameters
+from wan_dist.wan.loading import load_transformer, parameter_bytes
 
 CPU = torch.device("cpu")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from tests.planning import plan_of
-from wan_dist.checks import validate_run
-from wan_dist.config import RunConfig
-from wan_dist.errors import ConfigError
+from wan_dist.plan.checks import validate_run
+from wan_dist.config.schema import RunConfig
+from wan_dist.config.errors import ConfigError
 
 
 def split_run(folder, **parallel) -> RunConfig:
@@ -97,9 +97,9 @@ def test_a_split_where_one_expert_runs_no_step(tmp_path, family_folders):
 def test_expert_layouts_pin_two_equal_groups(name):
     """`+layout=expert_split...` pins the degrees, so each group is their product and the launcher knows
     the world size before the model's steps are counted."""
-    from wan_dist.config import ParallelConfig
-    from wan_dist.parallel_dims import pinned_world_size, resolve_parallel_dims
-    from wan_dist.presets import LAYOUTS
+    from wan_dist.config.schema import ParallelConfig
+    from wan_dist.parallel.dims import pinned_world_size, resolve_parallel_dims
+    from wan_dist.config.presets import LAYOUTS
 
     layout = LAYOUTS[name]
     p = ParallelConfig(**layout.hydra_node()["parallel"])

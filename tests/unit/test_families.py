@@ -11,10 +11,10 @@ import pytest
 
 from tests.conftest import write_random_lora
 from tests.planning import plan_of
-from wan_dist.checks import read_folder_facts, validate_run
-from wan_dist.config import LoraConfig, RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.presets import MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V
+from wan_dist.plan.checks import read_folder_facts, validate_run
+from wan_dist.config.schema import LoraConfig, RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.config.presets import MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V
 
 
 def run_on(folder: Path, **fields) -> RunConfig:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wan_dist.stage_split import _HEADER_LEN, HEADER_VERSION, DitInputs, DitOutputs, _header, parse_header
+from wan_dist.parallel.handoff import _HEADER_LEN, HEADER_VERSION, DitInputs, DitOutputs, _header, parse_header
 
 CPU = torch.device("cpu")
 

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch.distributed as dist
 
-from wan_dist.session import Heartbeat, PeerLostError
+from wan_dist.parallel.session import Heartbeat, PeerLostError
 
 TIMEOUT_S = 1.0
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.matrix import FAMILIES, FOLDER_SPECS, TABLE
-from wan_dist.config import SCHEDULERS, STORAGE_DTYPES, VAE_SPLITS
-from wan_dist.presets import CUDA_ONLY_OPTIONS, LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS, PARALLEL_PRESETS
+from wan_dist.config.schema import SCHEDULERS, STORAGE_DTYPES, VAE_SPLITS
+from wan_dist.config.presets import CUDA_ONLY_OPTIONS, LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS, PARALLEL_PRESETS
 
 MAKE_TEST = [entry for entry in TABLE if not entry.full]
 COVERED = frozenset().union(*(entry.covers for entry in MAKE_TEST))

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tests.planning import plan_of
-from wan_dist.config import RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.memory import block_activation_bytes, measure_peak_bytes
+from wan_dist.config.schema import RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.plan.memory import block_activation_bytes, measure_peak_bytes
 
 
 @pytest.mark.parametrize("heads, head_dim, ffn", [(8, 64, 2048), (8, 64, 512), (12, 64, 4480)])

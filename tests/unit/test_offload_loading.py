@@ -11,8 +11,8 @@ import inspect
 import pytest
 import torch
 
-from wan_dist.loading import load_transformer, load_transformer_to_host
-from wan_dist.parallelize import offload_options
+from wan_dist.wan.loading import load_transformer, load_transformer_to_host
+from wan_dist.parallel.parallelize import offload_options
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

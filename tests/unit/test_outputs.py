@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_dist.video import to_uint8, write_frames, write_json, write_video
+from wan_dist.run.video import to_uint8, write_frames, write_json, write_video
 
 
 def read_video(path: Path) -> tuple[np.ndarray, float]:

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from wan_dist.config import ConfigError, ParallelConfig
-from wan_dist.parallel_dims import ParallelDims, check_sequence_length, pinned_world_size, resolve_parallel_dims
+from wan_dist.config.schema import ConfigError, ParallelConfig
+from wan_dist.parallel.dims import ParallelDims, check_sequence_length, pinned_world_size, resolve_parallel_dims
 
 
 def resolve(preset: str = "auto", *, world: int, heads: int = 12, guidance: float = 5.0, **degrees) -> ParallelDims:

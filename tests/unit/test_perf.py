@@ -8,13 +8,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from wan_dist.attention import available_kernels, resolve_kernel
-from wan_dist.building import build_transformer
-from wan_dist.checks import validate_run
-from wan_dist.config import ConfigError, RunConfig
-from wan_dist.loading import load_transformer, read_component_config
-from wan_dist.presets import MODEL_PRESETS
-from wan_dist.perf import (
+from wan_dist.parallel.attention import available_kernels, resolve_kernel
+from wan_dist.wan.building import build_transformer
+from wan_dist.plan.checks import validate_run
+from wan_dist.config.schema import ConfigError, RunConfig
+from wan_dist.wan.loading import load_transformer, read_component_config
+from wan_dist.config.presets import MODEL_PRESETS
+from wan_dist.plan.cost import (
     HOST_LINK, NVLINK, PCIE, block_parameters, dit_flops, gpu_peak_tflops, measure_matmul_tflops, predict_step,
     predict_transfer, step_flops, transfer_markdown, transfer_table,
 )
@@ -110,7 +110,7 @@ def test_attention_kernel_choice():
 
 def test_scaling_model_against_the_official_14b_figures():
     """Fitted to the 1- and 2-GPU end-to-end times, it predicts 4 and 8 H800s within 1% and 8%."""
-    from wan_dist.perf import WAN_OFFICIAL_14B_720P_H800, fit_official, official_comparison_markdown
+    from wan_dist.plan.cost import WAN_OFFICIAL_14B_720P_H800, fit_official, official_comparison_markdown
 
     fit = fit_official()
     rows = {row["gpus"]: row for row in fit["rows"]}
@@ -165,7 +165,7 @@ def test_expert_pipeline_prediction():
     """The expert pipeline takes the slower group's time per video: it cannot beat cfg's perfect halving
     on 2 guided GPUs with A14B's 26/14 steps, and it wins where nothing else splits well (unguided, equal
     steps, 2 GPUs: one step on each group against Ulysses' communication)."""
-    from wan_dist.perf import NVLINK, WAN_14B_CONFIG, WAN_720P_TOKENS, predict_expert_pipeline
+    from wan_dist.plan.cost import NVLINK, WAN_14B_CONFIG, WAN_720P_TOKENS, predict_expert_pipeline
 
     guided = predict_expert_pipeline(WAN_14B_CONFIG, WAN_720P_TOKENS, gpus=2, high_steps=26, low_steps=14,
                                      link=NVLINK, single_step_s=36.0)

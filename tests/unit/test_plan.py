@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.planning import plan_of
-from wan_dist.config import RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.loading import load_image_encoder, load_text_encoder, load_transformer, load_vae, parameter_bytes
+from wan_dist.config.schema import RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.wan.loading import load_image_encoder, load_text_encoder, load_transformer, load_vae, parameter_bytes
 
 CPU = torch.device("cpu")
 

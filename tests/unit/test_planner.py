@@ -1,4 +1,4 @@
-"""The planner (wan_dist/planner.py) as `parallel=auto` runs it on a GPU, here one the plan imagines (this
+"""The planner (wan_dist/plan/planner.py) as `parallel=auto` runs it on a GPU, here one the plan imagines (this
 machine has none): the 1.3B architecture from its shapes-only folder, at a small size so that its 2.8 GB
 of bf16 weights are most of a rank's memory."""
 
@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 
 from tests.planning import plan_of
-from wan_dist.building import ensure_shapes_folder
-from wan_dist.config import RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.inputs import Agreement, DeviceFacts, prepare
-from wan_dist.plan import JobPlan, resolve
-from wan_dist.planner import FP8, STEPS, USABLE, Step, given_keys, plan_run
+from wan_dist.wan.building import ensure_shapes_folder
+from wan_dist.config.schema import RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.plan.inputs import Agreement, DeviceFacts, prepare
+from wan_dist.plan.job import JobPlan, resolve
+from wan_dist.plan.planner import FP8, STEPS, USABLE, Step, given_keys, plan_run
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 
 from tests.matrix import TABLE, bind
 from tests.planning import plan_of
-from wan_dist.parallel_dims import INPUTS, LATENTS, STATE
-from wan_dist.plan import BAND, WHOLE
+from wan_dist.parallel.dims import INPUTS, LATENTS, STATE
+from wan_dist.plan.job import BAND, WHOLE
 
 ENTRIES = {entry.name: entry for entry in TABLE}
 

@@ -15,11 +15,11 @@ import pytest
 import torch.distributed as dist
 
 from tests.conftest import write_random_lora
-from wan_dist.config import LoraConfig, RunConfig
-from wan_dist.errors import ConfigError
-from wan_dist.inputs import DeviceFacts, Inputs, prepare
-from wan_dist.plan import resolve
-from wan_dist.planner import fit
+from wan_dist.config.schema import LoraConfig, RunConfig
+from wan_dist.config.errors import ConfigError
+from wan_dist.plan.inputs import DeviceFacts, Inputs, prepare
+from wan_dist.plan.job import resolve
+from wan_dist.plan.planner import fit
 
 GPU_80 = DeviceFacts("cuda", (9, 0), 80 * 2**30)
 

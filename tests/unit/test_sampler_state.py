@@ -8,9 +8,9 @@ from dataclasses import fields
 import pytest
 import torch
 
-from wan_dist.building import wan_scheduler
-from wan_dist.pipeline import Experts, SamplerState, denoise, expert_step_counts
-from wan_dist.stage_split import _header
+from wan_dist.wan.building import wan_scheduler
+from wan_dist.wan.pipeline import Experts, SamplerState, denoise, expert_step_counts
+from wan_dist.parallel.handoff import _header
 
 
 def _scheduler(kind: str):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.planning import plan_of
-from wan_dist.config import RunConfig
-from wan_dist.sampling import SCHEDULER_CONFIG, read_scheduler_config, resolve_sampling
+from wan_dist.config.schema import RunConfig
+from wan_dist.plan.sampling import SCHEDULER_CONFIG, read_scheduler_config, resolve_sampling
 
 FOLDER_SOURCE = f"folder {SCHEDULER_CONFIG}"
 

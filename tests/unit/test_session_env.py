@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wan_dist.errors import ConfigError
-from wan_dist.session import RankEnv, check_gpus_per_node, rank_env
+from wan_dist.config.errors import ConfigError
+from wan_dist.parallel.session import RankEnv, check_gpus_per_node, rank_env
 
 
 def test_torchrun_variables():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wan_dist.sweep import collect_jobs, write_summary
+from wan_dist.run.sweep import collect_jobs, write_summary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,7 +70,7 @@ def test_files(sweep):
 
 
 def test_command_line(sweep, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "wan_dist.sweep", str(sweep)], cwd=ROOT, capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "wan_dist.run.sweep", str(sweep)], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (sweep / "summary.csv").is_file() and "sweep summary (4 jobs)" in result.stderr

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from wan_dist.checks import check_model_folder, validate_run
-from wan_dist.config import ConfigError, RunConfig
-from wan_dist.loading import load_transformer
-from wan_dist.video import write_video
+from wan_dist.plan.checks import check_model_folder, validate_run
+from wan_dist.config.schema import ConfigError, RunConfig
+from wan_dist.wan.loading import load_transformer
+from wan_dist.run.video import write_video
 
 
 class _RunsCode:

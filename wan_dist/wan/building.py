@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from .config import ModelConfig
+from ..config.schema import ModelConfig
 from .loading import DTYPES_BY_NAME, SAFETENSORS_DTYPES, read_component_config
-from .presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
-from .text_encoding import TEXT_MAX_TOKENS
+from ..config.presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
+from ..run.text_encoding import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 

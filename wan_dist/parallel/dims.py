@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ParallelConfig, is_guided
-from .errors import ConfigError, fail
-from .presets import EXPERTS, PARALLEL_PRESETS
+from ..config.schema import ParallelConfig, is_guided
+from ..config.errors import ConfigError, fail
+from ..config.presets import EXPERTS, PARALLEL_PRESETS
 
 MESH_AXES = ("cfg", "ring", "ulysses")
 

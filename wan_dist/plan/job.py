@@ -18,21 +18,21 @@ from typing import Any
 
 import torch
 
-from .attention import choose_kernel
+from ..parallel.attention import choose_kernel
 from .checks import check_loras, check_model_limits, check_parallel
-from .config import LoraConfig, RunConfig, is_guided, lora_experts
-from .errors import fail
+from ..config.schema import LoraConfig, RunConfig, is_guided, lora_experts
+from ..config.errors import fail
 from .inputs import EXPERT_COMPONENTS, SUBFOLDERS, Inputs, ModelFacts
-from .loading import STORAGE_DTYPES_BY_NAME, resolve_dtype, scheduler_from_config, weight_bytes
+from ..wan.loading import STORAGE_DTYPES_BY_NAME, resolve_dtype, scheduler_from_config, weight_bytes
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
 )
-from .parallel_dims import ParallelDims, check_expert_split, check_sequence_length, resolve_parallel_dims
-from .pipeline import LatentShape, expert_step_counts, latent_shape
-from .presets import EXPERTS, IMAGE_TASKS
+from ..parallel.dims import ParallelDims, check_expert_split, check_sequence_length, resolve_parallel_dims
+from ..wan.pipeline import LatentShape, expert_step_counts, latent_shape
+from ..config.presets import EXPERTS, IMAGE_TASKS
 from .sampling import SAMPLING_KEYS, SamplingPlan, resolve_sampling
-from .text_encoding import cpu_encoder_dtype
-from .video import output_names, write_json
+from ..run.text_encoding import cpu_encoder_dtype
+from ..run.video import output_names, write_json
 
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
 ENCODER_ROLE = "encoders+vae"
@@ -224,7 +224,7 @@ def _predict_memory(plan: JobPlan, facts: ModelFacts,
     """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
     live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
     (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
-    from .vae_patch import decode_peak_bytes
+    from ..parallel.vae_bands import decode_peak_bytes
 
     dit_config, vae_config = facts.configs["dit"], facts.configs["vae"]
     dit = plan.components["dit"]
@@ -459,7 +459,7 @@ def _vae_ranks(run: RunConfig, world_size: int, dims: ParallelDims, vae_config: 
                i2v: bool) -> tuple[int, ...]:
     """Rank 0, or every rank when the decode (or the I2V encode) is split into bands; the band rules
     checked here, before anything is loaded."""
-    from .vae_patch import check_bands, encode_bands
+    from ..parallel.vae_bands import check_bands, encode_bands
 
     p = run.parallel
     decode, encode = p.vae_decode == "patch", p.vae_encode == "patch" and i2v

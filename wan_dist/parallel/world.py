@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .parallel_dims import MESH_AXES, DitGroup, Hop, ParallelDims
+from .dims import MESH_AXES, DitGroup, Hop, ParallelDims
 from .session import new_group_with_timeout
 
 SHARD_AXIS = "shard"

@@ -5,7 +5,7 @@ It agrees the seed and the output dir over the ranks, finds out on rank 0 whethe
 written, finds (or on first use builds) the model folder, reads every fact of the model the plan needs
 (each component's config and safetensors header table, the layers layerwise casting would store in fp8,
 the scheduler config), takes the device facts with the least free memory of any rank, and validates the
-run. What it returns, `Inputs`, is a value: `resolve` (plan.py) and the planner (planner.py) plan from it
+run. What it returns, `Inputs`, is a value: `resolve` (plan.py) and the planner (plan/planner.py) plan from it
 alone, as often as they like, without a file or a collective.
 """
 
@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 
-from .attention import device_capability, installed_kernel_libraries
-from .building import dit_num_heads, model_folder
+from ..parallel.attention import device_capability, installed_kernel_libraries
+from ..wan.building import dit_num_heads, model_folder
 from .checks import LoraLayers, RunFacts, read_lora_layers, read_prompts, validate_run
-from .config import RunConfig
-from .errors import ConfigError
-from .loading import WeightTable, layerwise_cast_names, read_component_config, read_weight_table
-from .parallel_dims import check_expert_split, resolve_parallel_dims
-from .presets import EXPERTS, IMAGE_TASKS
+from ..config.schema import RunConfig
+from ..config.errors import ConfigError
+from ..wan.loading import WeightTable, layerwise_cast_names, read_component_config, read_weight_table
+from ..parallel.dims import check_expert_split, resolve_parallel_dims
+from ..config.presets import EXPERTS, IMAGE_TASKS
 from .sampling import read_scheduler_config
-from .text_encoding import cpu_flags
+from ..run.text_encoding import cpu_flags
 
 # Where each component's weights live in a diffusers-format folder.
 SUBFOLDERS = {**{expert.component: expert.subfolder for expert in EXPERTS}, "vae": "vae",

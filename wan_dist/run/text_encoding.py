@@ -220,7 +220,7 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
       last), zeros between, VAE-encoded, behind 4 mask channels that mark the given frames:
       (1, 4 + z_dim, latent_frames, h, w);
     - Wan2.2 TI2V (`first_frame_only`): the first frame alone, VAE-encoded: (1, z_dim, 1, h, w).
-    With a process `group` every rank of it encodes a band of rows (vae_patch.py, exact) and the result
+    With a process `group` every rank of it encodes a band of rows (parallel/vae_bands.py, exact) and the result
     is on the group's rank 0, None on the others."""
     from diffusers.video_processor import VideoProcessor
 
@@ -242,7 +242,7 @@ def encode_image_condition(image, vae, *, height: int, width: int, num_frames: i
     if group is None:
         latent = vae.encode(video.to(vae.dtype)).latent_dist.mode()
     else:
-        from .vae_patch import encode_patch_parallel
+        from ..parallel.vae_bands import encode_patch_parallel
 
         latent = encode_patch_parallel(video.to(vae.dtype), vae, group, dst=0)
         if latent is None:

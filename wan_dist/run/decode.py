@@ -29,7 +29,7 @@ def denormalize_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
 @torch.no_grad()
 def decode_latents(latents: torch.Tensor, vae, group=None) -> np.ndarray | None:
     """Frames (F, H, W, 3), float32 in [0, 1], before quantization. With a process `group` every rank of it
-    decodes a band of rows of every frame (vae_patch.py, exact): each passes the whole latents, the frames
+    decodes a band of rows of every frame (parallel/vae_bands.py, exact): each passes the whole latents, the frames
     come back on the group's rank 0 and None on the others."""
     from diffusers.video_processor import VideoProcessor
 
@@ -38,7 +38,7 @@ def decode_latents(latents: torch.Tensor, vae, group=None) -> np.ndarray | None:
     if group is None:
         video = vae.decode(denormalize_latents(latents, vae.config), return_dict=False)[0]
     else:
-        from .vae_patch import decode_patch_parallel
+        from ..parallel.vae_bands import decode_patch_parallel
 
         video = decode_patch_parallel(denormalize_latents(latents, vae.config), vae, group, dst=0)
         if video is None:

@@ -4,7 +4,7 @@ sweep (summary.csv, summary.md, summary.png in the sweep dir) read from each job
 The summary is written by the `SweepSummary` callback (registered in conf/generate.yaml, so it works with
 any launcher) and can be rewritten by hand, e.g. for a sweep of which some jobs failed:
 
-    python -m wan_dist.sweep multirun/2025-01-31/12-00-00
+    python -m wan_dist.run.sweep multirun/2025-01-31/12-00-00
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class SweepSummary(Callback):
     """Writes the summary when a multirun ends, whatever the launcher."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from .session import rank_env
+        from ..parallel.session import rank_env
 
         # A multirun inside one torchrun world runs on every rank; rank 0's sweep dir is the real one.
         if rank_env().rank == 0:
@@ -213,6 +213,6 @@ class SweepSummary(Callback):
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if len(sys.argv) != 2:
-        sys.exit(f"usage: python -m wan_dist.sweep SWEEP_DIR\n{__doc__}")
+        sys.exit(f"usage: python -m wan_dist.run.sweep SWEEP_DIR\n{__doc__}")
     if not write_summary(sys.argv[1]):
         sys.exit(1)

@@ -12,15 +12,15 @@ from pathlib import Path
 
 from typing import Any
 
-from .config import (
+from ..config.schema import (
     ATTENTION_KERNELS, DEVICES, DTYPES, LORA_EXPERTS, lora_experts, OFFLOADS, SCHEDULERS, STORAGE_DTYPES, SWITCHES, TASKS,
     VAE_SPLITS, RunConfig,
 )
-from .errors import ConfigError, fail
-from .loading import PICKLE_SUFFIXES, read_component_config, read_lora_state_dict, read_safetensors_header
-from .parallel_dims import check_degrees
-from .presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
-from .video import output_names
+from ..config.errors import ConfigError, fail
+from ..wan.loading import PICKLE_SUFFIXES, read_component_config, read_lora_state_dict, read_safetensors_header
+from ..parallel.dims import check_degrees
+from ..config.presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
+from ..run.video import output_names
 
 # diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
 PIPELINE_TASKS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}
@@ -342,7 +342,7 @@ def validate_run(run: RunConfig) -> RunFacts:
 
 def check_parallel(run: RunConfig, family: str) -> None:
     """The parallel keys' rules that need no file: checked with the rest of the run, and again on each
-    layout the planner tries (planner.py), which edits only such keys."""
+    layout the planner tries (plan/planner.py), which edits only such keys."""
     p = run.parallel
     # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
     # refused before the process group starts.

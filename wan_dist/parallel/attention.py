@@ -108,7 +108,7 @@ def choose_kernel(
     ``native``, which picks a kernel per call) where none does; a named kernel must be usable on the
     device (ConfigError otherwise) and falls back to ``sdpa`` where it cannot take the dtype or head dim
     (fp32, a head dim that is no multiple of 8 or too large)."""
-    from .config import ConfigError
+    from ..config.schema import ConfigError
 
     usable = usable_kernels(capability, installed)
     if requested != "auto" and requested not in usable:

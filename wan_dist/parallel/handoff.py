@@ -23,8 +23,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from .parallel_dims import INPUTS, LATENTS, STATE
-from .pipeline import SamplerState
+from .dims import INPUTS, LATENTS, STATE
+from ..wan.pipeline import SamplerState
 from .session import Heartbeat
 from .world import World
 

@@ -17,17 +17,17 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .config import RunConfig
-from .inputs import Agreement, DeviceFacts, prepare
+from .. import __version__
+from ..config.schema import RunConfig
+from ..plan.inputs import Agreement, DeviceFacts, prepare
 from .metrics import RankMetrics
-from .plan import BAND, JobPlan, expert_groups_json
-from .planner import plan_run
-from .session import Session
-from .stage_split import Handoff
+from ..plan.job import BAND, JobPlan, expert_groups_json
+from ..plan.planner import plan_run
+from ..parallel.session import Session
+from ..parallel.handoff import Handoff
 from .stages import DitStage, EncoderStage, VaeWork, run_stages
 from .video import write_json
-from .world import build_world
+from ..parallel.world import build_world
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Run configuration: the schema Hydra fills, and the presets registered as its `model=` and `parallel=`
-groups (from the one table in presets.py). Nothing else: the checks against a folder and the world are in
-checks.py, Hydra's error translation beside the entry point.
+groups (from the one table in config/presets.py). Nothing else: the checks against a folder and the world are in
+plan/checks.py, Hydra's error translation beside the entry point.
 
 The dataclasses are registered in Hydra's ConfigStore, so unknown keys and wrong types are refused by
 Hydra itself.
@@ -23,7 +23,7 @@ STORAGE_DTYPES = ("auto", "fp8_e4m3", "fp8_e5m2")
 OFFLOADS = ("none", "block")
 DEVICES = ("cpu", "gpu")
 # `euler_distill` / `lcm_distill`: on the timesteps the 4-step distilled LoRAs were trained on, Euler steps or
-# a clean-latent prediction noised afresh to the next step (schedulers.py).
+# a clean-latent prediction noised afresh to the next step (wan/schedulers.py).
 SCHEDULERS = ("unipc", "euler", "euler_distill", "lcm_distill")
 SWITCHES = ("auto", "true", "false")
 VAE_SPLITS = ("rank0", "patch")
@@ -34,7 +34,7 @@ LORA_EXPERTS = (*(expert.noise for expert in EXPERTS), BOTH_EXPERTS)
 
 
 # The Hydra config folder of launch/generate.py, serve.py and plan.py.
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def is_guided(guidance_scale: float) -> bool:
@@ -141,7 +141,7 @@ class RunConfig(Sampling):
     # FSDP too, not with model.dit_offload=block.
     compile: bool = False
     # Each block's cross-attention keys and values computed once per prompt, not once per step (exact;
-    # wan_dist/context_cache.py). Not with compile=true, whose blocks are traced without the cache.
+    # wan_dist/parallel/context_cache.py). Not with compile=true, whose blocks are traced without the cache.
     context_cache: bool = True
     # Print the plan (per rank: role, components, weight bytes), write plan.json into output.dir, read no
     # weights and exit.
@@ -150,7 +150,7 @@ class RunConfig(Sampling):
 
 def register_configs() -> None:
     """The schema, and one `model/<name>`, `parallel/<name>` and `layout/<name>` option per entry of
-    presets.py's tables."""
+    config/presets.py's tables."""
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for preset in MODEL_PRESETS.values():

@@ -21,25 +21,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cfg_parallel import GuidedNoise
+from ..parallel.cfg import GuidedNoise
 from .decode import decode_latents
-from .loading import (
+from ..wan.loading import (
     apply_loras, build_transformer_on_meta, load_image_encoder, load_scheduler, load_text_encoder, load_tokenizer, load_transformer,
     load_transformer_sharded, load_transformer_to_host, load_vae, parameter_bytes,
 )
 from .metrics import RankMetrics
-from .parallelize import DitHandle, parallelize_dit
-from .pipeline import ChannelCondition, DenoiseResult, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
-from .parallel_dims import INPUTS, LATENTS, STATE
-from .plan import BAND, EXPERT_COMPONENTS, ComponentPlan, JobPlan
-from .presets import WAN22_TI2V
-from .session import Session
-from .stage_split import DitInputs, DitOutputs, Handoff
+from ..parallel.parallelize import DitHandle, parallelize_dit
+from ..wan.pipeline import ChannelCondition, DenoiseResult, Experts, TextOnly, TokenTimesteps, denoise, initial_noise
+from ..parallel.dims import INPUTS, LATENTS, STATE
+from ..plan.job import BAND, EXPERT_COMPONENTS, ComponentPlan, JobPlan
+from ..config.presets import WAN22_TI2V
+from ..parallel.session import Session
+from ..parallel.handoff import DitInputs, DitOutputs, Handoff
 from .text_encoding import (
     BackgroundEncoder, PromptJob, TextEncoder, encode_image_condition, encode_image_embeds, encoder_thread_count,
 )
 from .video import write_frames, write_video
-from .world import World
+from ..parallel.world import World
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Load the Wan components from a local diffusers-format folder, and what can be known of them without
-reading a weight (configs, safetensors headers). The random-weight builders are in building.py.
+reading a weight (configs, safetensors headers). The random-weight builders are in wan/building.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig
+from ..config.schema import LoraConfig
 
 log = logging.getLogger(__name__)
 

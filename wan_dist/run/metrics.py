@@ -36,7 +36,7 @@ class RankMetrics:
     @contextmanager
     def peak(self, phase: str, device: torch.device) -> Iterator[None]:
         """Measure what `phase` allocates at most: CUDA's peak counter (reset for it, the run's peak kept
-        aside), or on CPU every tensor it allocates and frees (live_memory.py; RSS would mix in the
+        aside), or on CPU every tensor it allocates and frees (parallel/live_memory.py; RSS would mix in the
         allocator's caching)."""
         if device.type == "cuda":
             self._cuda_peak_floor = max(self._cuda_peak_floor, torch.cuda.max_memory_allocated(device))
@@ -48,7 +48,7 @@ class RankMetrics:
                 used = torch.cuda.max_memory_allocated(device) - base
                 self.phase_peak_bytes[phase] = max(self.phase_peak_bytes.get(phase, 0), used)
             return
-        from .live_memory import LiveTensorBytes
+        from ..parallel.live_memory import LiveTensorBytes
 
         with LiveTensorBytes() as live:
             yield

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
+from ..run.text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
 
 if TYPE_CHECKING:
-    from .parallel_dims import ParallelDims
+    from ..parallel.dims import ParallelDims
 
 # Any guidance scale above 1 runs the unconditional branch (diffusers' do_classifier_free_guidance).
 GUIDED_SCALE = 5.0
@@ -290,8 +290,8 @@ def mode_of(dims: "ParallelDims") -> str:
 
 def auto_mode(dit_config: dict, gpus: int, guided: bool) -> str:
     """The layout parallel=auto takes on `gpus` GPUs (its own rule, parallel_dims), as a mode."""
-    from .config import ParallelConfig
-    from .parallel_dims import resolve_parallel_dims
+    from ..config.schema import ParallelConfig
+    from ..parallel.dims import resolve_parallel_dims
 
     dims = resolve_parallel_dims(ParallelConfig(), world_size=gpus, num_heads=dit_config["num_attention_heads"],
                                  guidance_scale=GUIDED_SCALE if guided else 1.0)
@@ -521,7 +521,7 @@ def expert_pipeline_markdown(preset: str = "t2v_a14b") -> str:
     """A two-expert preset (T2V-A14B) at 720p in a long queue, at its own steps, shift and boundary: both
     experts on every GPU against the expert pipeline, from the 14B step time fitted to the official
     figures (each expert is a 14B DiT)."""
-    from .building import preset_expert_steps
+    from ..wan.building import preset_expert_steps
 
     steps = preset_expert_steps(preset)
     single = fit_official(link=NVLINK)["single_step_s"]

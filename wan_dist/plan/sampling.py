@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig, RunConfig
-from .presets import MODEL_PRESETS, Sampling
+from ..config.schema import ModelConfig, RunConfig
+from ..config.presets import MODEL_PRESETS, Sampling
 
 # What the folder's scheduler config names, as our `scheduler=` choices, and where each keeps Wan's shift.
 SCHEDULER_CLASSES = {"UniPCMultistepScheduler": "unipc", "FlowMatchEulerDiscreteScheduler": "euler"}

@@ -63,6 +63,6 @@ def check_schema_keys(cfg: Any) -> None:
     """Keys added with `+key=value` pass Hydra's struct check; refuse any the schema does not know."""
     from omegaconf import OmegaConf
 
-    from .config import RunConfig
+    from .schema import RunConfig
 
     OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg))

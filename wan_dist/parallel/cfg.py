@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .config import is_guided
+from ..config.schema import is_guided
 
 
 class GuidedNoise:

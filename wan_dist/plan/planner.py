@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 
-from .config import RunConfig
-from .errors import ConfigError
+from ..config.schema import RunConfig
+from ..config.errors import ConfigError
 from .inputs import Inputs
-from .plan import JobPlan, resolve
+from .job import JobPlan, resolve
 from .sampling import named_keys
 
 # Of the memory a GPU has free when the run starts; the rest for the allocator's fragmentation and the

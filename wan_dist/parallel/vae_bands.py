@@ -56,8 +56,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
-from wan_dist.live_memory import LiveTensorBytes
-from wan_dist.model_hooks import ModelHooks
+from wan_dist.parallel.live_memory import LiveTensorBytes
+from wan_dist.parallel.model_hooks import ModelHooks
 
 # The tensor dim of image rows, in the 5D (batch, channels, frames, rows, columns) activations and in the
 # 4D (batch * frames, channels, rows, columns) ones of the per-frame 2D convolutions alike.

@@ -23,7 +23,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from .attention import DIFFUSERS_BACKENDS
 from .context_cache import ContextCache, cache_context_kv
 from .model_hooks import ModelHooks
-from .sequence_parallel import parallelize_sequence
+from .sequence import parallelize_sequence
 
 
 @dataclass
