@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_dist.run.video import to_uint8, write_frames, write_json, write_video
+from wan_dist.plan.outputs import write_json
+from wan_dist.run.video import to_uint8, write_frames, write_video
 
 
 def read_video(path: Path) -> tuple[np.ndarray, float]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wan_dist.wan.loading import load_text_encoder, load_tokenizer
-from wan_dist.run.text_encoding import TEXT_MAX_TOKENS
+from wan_dist.config.presets import TEXT_MAX_TOKENS
 from wan_dist.run.text_encoding import BackgroundEncoder, PromptJob, TextEncoder
 
 PROMPTS = [
@@ -214,7 +214,7 @@ def test_background_encoder_with_real_encoder(components):
 
 
 def test_cpu_flags_and_the_encoder_dtype(tmp_path):
-    from wan_dist.run.text_encoding import cpu_encoder_dtype, cpu_flags
+    from wan_dist.wan.loading import cpu_encoder_dtype, cpu_flags
 
     x86 = tmp_path / "cpuinfo"
     x86.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\n")

@@ -41,6 +41,11 @@ EXPERTS = (Expert("high", "dit", "transformer"), Expert("low", "dit_2", "transfo
 DIT_SUBFOLDERS = tuple(expert.subfolder for expert in EXPERTS)
 # The tasks that take `image=` (and FLF2V also `last_image=`).
 IMAGE_TASKS = ("i2v", "flf2v")
+# Wan's text context: every prompt is padded or cut to 512 UMT5 tokens, and the I2V cross-attention relies
+# on exactly 512 text tokens before the image's.
+TEXT_MAX_TOKENS = 512
+# The I2V image context: CLIP ViT-H/14's 257 tokens at 224 px (16 x 16 patches and the class token).
+IMAGE_TOKENS = 257
 
 
 @dataclass(frozen=True)

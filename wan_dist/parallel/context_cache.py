@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model_hooks import ModelHooks
-from ..run.text_encoding import TEXT_MAX_TOKENS
+from ..config.presets import TEXT_MAX_TOKENS
 
 ContextKey = tuple[tuple[int, int] | None, tuple[int, int] | None]
 

@@ -20,7 +20,7 @@ from ..config.errors import ConfigError, fail
 from ..wan.loading import PICKLE_SUFFIXES, read_component_config, read_lora_state_dict, read_safetensors_header
 from ..parallel.dims import check_degrees
 from ..config.presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN21, WAN22_EXPERTS, WAN22_TI2V, ModelPreset
-from ..run.video import output_names
+from .outputs import output_names
 
 # diffusers' Wan pipelines read the folder's pipeline class to tell the task apart.
 PIPELINE_TASKS = {"WanPipeline": "t2v", "WanImageToVideoPipeline": "i2v"}

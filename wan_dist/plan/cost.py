@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..run.text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
+from ..config.presets import IMAGE_TOKENS, TEXT_MAX_TOKENS
 
 if TYPE_CHECKING:
     from ..parallel.dims import ParallelDims

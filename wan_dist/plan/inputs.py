@@ -25,11 +25,10 @@ from ..wan.building import dit_num_heads, model_folder
 from .checks import LoraLayers, RunFacts, read_lora_layers, read_prompts, validate_run
 from ..config.schema import RunConfig
 from ..config.errors import ConfigError
-from ..wan.loading import WeightTable, layerwise_cast_names, read_component_config, read_weight_table
+from ..wan.loading import WeightTable, cpu_flags, layerwise_cast_names, read_component_config, read_weight_table
 from ..parallel.dims import check_expert_split, resolve_parallel_dims
 from ..config.presets import EXPERTS, IMAGE_TASKS
 from .sampling import read_scheduler_config
-from ..run.text_encoding import cpu_flags
 
 # Where each component's weights live in a diffusers-format folder.
 SUBFOLDERS = {**{expert.component: expert.subfolder for expert in EXPERTS}, "vae": "vae",

@@ -23,7 +23,7 @@ from .checks import check_loras, check_model_limits, check_parallel
 from ..config.schema import LoraConfig, RunConfig, is_guided, lora_experts
 from ..config.errors import fail
 from .inputs import EXPERT_COMPONENTS, SUBFOLDERS, Inputs, ModelFacts
-from ..wan.loading import STORAGE_DTYPES_BY_NAME, resolve_dtype, scheduler_from_config, weight_bytes
+from ..wan.loading import STORAGE_DTYPES_BY_NAME, cpu_encoder_dtype, resolve_dtype, scheduler_from_config, weight_bytes
 from .memory import (
     RankMemory, block_activation_bytes, context_cache_bytes, dtype_bytes, outside_block_bytes, vae_decode_bytes,
 )
@@ -31,8 +31,7 @@ from ..parallel.dims import ParallelDims, check_expert_split, check_sequence_len
 from ..wan.pipeline import LatentShape, expert_step_counts, latent_shape
 from ..config.presets import EXPERTS, IMAGE_TASKS
 from .sampling import SAMPLING_KEYS, SamplingPlan, resolve_sampling
-from ..run.text_encoding import cpu_encoder_dtype
-from ..run.video import output_names, write_json
+from .outputs import output_names, write_json
 
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
 ENCODER_ROLE = "encoders+vae"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..run.text_encoding import IMAGE_TOKENS, TEXT_MAX_TOKENS
+from ..config.presets import IMAGE_TOKENS, TEXT_MAX_TOKENS
 
 
 @dataclass(frozen=True)

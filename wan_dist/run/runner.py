@@ -26,7 +26,7 @@ from ..plan.planner import plan_run
 from ..parallel.session import Session
 from ..parallel.handoff import Handoff
 from .stages import DitStage, EncoderStage, VaeWork, run_stages
-from .video import write_json
+from ..plan.outputs import write_json
 from ..parallel.world import build_world
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .video import atomic_write
+from ..plan.outputs import atomic_write
 
 log = logging.getLogger(__name__)
 

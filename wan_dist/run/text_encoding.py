@@ -17,46 +17,11 @@ from typing import Any
 
 import torch
 
+from ..config.presets import TEXT_MAX_TOKENS
+from ..plan.outputs import atomic_write
 from .decode import normalize_latents
-from .video import atomic_write
 
 log = logging.getLogger(__name__)
-
-# Wan's text context: every prompt is padded or cut to 512 UMT5 tokens, and the I2V cross-attention relies
-# on exactly 512 text tokens before the image's.
-TEXT_MAX_TOKENS = 512
-# The I2V image context: CLIP ViT-H/14's 257 tokens at 224 px (16 x 16 patches and the class token).
-IMAGE_TOKENS = 257
-
-
-# CPU features with which oneDNN runs bf16 matmuls natively (x86: AVX512-BF16, AMX; Arm: the BF16
-# extension); without them torch converts bf16 to fp32 around each matmul, slower than fp32 itself.
-_FAST_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags as the kernel lists them (x86 `flags`, Arm `Features`); empty if unknown."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
-
-
-def cpu_encoder_dtype(setting: str, *, dit_on_gpu: bool, flags: frozenset[str]) -> torch.dtype | None:
-    """The text encoder's dtype on the CPU for `model.text_encoder_dtype=auto`, or None to keep the
-    default resolution (fp32 on CPU). bf16 where the DiT runs on a GPU (in bf16 there anyway; Wan's own
-    code runs UMT5 in bf16) and the CPU has native bf16 matmuls: half the weight bytes per token, on the
-    bf16 units. Where everything runs on the CPU, fp32 stays: that run is the one compared with
-    diffusers' fp32 pipeline to 1e-4. Without native bf16 it would only be slower."""
-    if setting != "auto" or not dit_on_gpu or not flags & _FAST_BF16_FLAGS:
-        return None
-    return torch.bfloat16
-
 
 def encoder_thread_count(cpus: int, ranks_on_node: int) -> int:
     """Threads for the encoding rank's text encoder while the DiT runs on GPUs: the cores it may use, less

@@ -22,7 +22,7 @@ import torch
 from ..config.schema import ModelConfig
 from .loading import DTYPES_BY_NAME, SAFETENSORS_DTYPES, read_component_config
 from ..config.presets import DIT_SUBFOLDERS, EXPERTS, IMAGE_TASKS, MODEL_PRESETS, WAN22_EXPERTS, WAN22_TI2V, ModelSpec
-from ..run.text_encoding import TEXT_MAX_TOKENS
+from ..config.presets import TEXT_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
