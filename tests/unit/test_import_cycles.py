@@ -3,40 +3,7 @@ hides a cycle, it does not remove it) and those only for type checking."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
-PACKAGE = Path(__file__).resolve().parents[2] / "wan_dist"
-
-
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The wan_dist modules `path` imports, wherever in the file the import is."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
-                base = ".".join(anchor + ([node.module] if node.module else []))
-            # `from . import x` names a module where x is one, else a name of the package.
-            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
-        else:
-            continue
-        for target in targets:
-            while target and target not in modules:
-                target = target.rpartition(".")[0]
-            if target and target != name:
-                found.add(target)
-    return found
+from tests.import_graph import import_graph
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -75,9 +42,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_wan_dist_has_no_import_cycle():
-    paths = sorted(PACKAGE.rglob("*.py"))
-    modules = {module_name(path) for path in paths}
-    graph = {module_name(path): imports_of(path, modules) for path in paths}
+    graph = import_graph()
     assert "wan_dist.plan.job" in graph["wan_dist.plan.planner"]  # the walk sees imports at all
     assert cycles(graph) == []
 
