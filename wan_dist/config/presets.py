@@ -108,7 +108,7 @@ def _official(task: str, heads: int, layers: int, ffn_dim: int, **changes) -> Mo
 
 @dataclass
 class Sampling:
-    """The sampling settings a model preset chooses; the run config's own top-level keys (config.RunConfig
+    """The sampling settings a model preset chooses; the run config's own top-level keys (schema.RunConfig
     extends this), so their defaults are the tiny model's."""
 
     height: int = 64

@@ -5,7 +5,7 @@ It agrees the seed and the output dir over the ranks, finds out on rank 0 whethe
 written, finds (or on first use builds) the model folder, reads every fact of the model the plan needs
 (each component's config and safetensors header table, the layers layerwise casting would store in fp8,
 the scheduler config), takes the device facts with the least free memory of any rank, and validates the
-run. What it returns, `Inputs`, is a value: `resolve` (plan.py) and the planner (plan/planner.py) plan from it
+run. What it returns, `Inputs`, is a value: `resolve` (plan/job.py) and the planner (plan/planner.py) plan from it
 alone, as often as they like, without a file or a collective.
 """
 
