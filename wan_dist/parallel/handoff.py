@@ -144,7 +144,7 @@ HOP_MESSAGES: dict[str, type] = {INPUTS: DitInputs, STATE: SamplerState, LATENTS
 
 
 class Handoff:
-    """Each video's messages along the plan's hops (parallel_dims.Hop), each hop on a group of its own
+    """Each video's messages along the plan's hops (dims.Hop), each hop on a group of its own
     (world.World). A rank sends on the hops it is the source of and receives on those it is a destination
     of; a hop from a rank to itself passes through a local queue."""
 

@@ -344,7 +344,7 @@ def check_parallel(run: RunConfig, family: str) -> None:
     """The parallel keys' rules that need no file: checked with the rest of the run, and again on each
     layout the planner tries (plan/planner.py), which edits only such keys."""
     p = run.parallel
-    # The degree rules are the layout's own (parallel_dims), checked here already so that a bad degree is
+    # The degree rules are the layout's own (parallel/dims.py), checked here already so that a bad degree is
     # refused before the process group starts.
     check_degrees(p, guidance_scale=run.guidance_scale)
     if p.fsdp_setting not in SWITCHES:

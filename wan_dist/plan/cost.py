@@ -289,7 +289,7 @@ def mode_of(dims: "ParallelDims") -> str:
 
 
 def auto_mode(dit_config: dict, gpus: int, guided: bool) -> str:
-    """The layout parallel=auto takes on `gpus` GPUs (its own rule, parallel_dims), as a mode."""
+    """The layout parallel=auto takes on `gpus` GPUs (its own rule, parallel/dims.py), as a mode."""
     from ..config.schema import ParallelConfig
     from ..parallel.dims import resolve_parallel_dims
 

@@ -36,7 +36,7 @@ from .outputs import output_names, write_json
 # Rank 0's role and the DiT ranks' role, as run.json and the plan table name them.
 ENCODER_ROLE = "encoders+vae"
 DIT_ROLE = "dit"
-# How a rank takes part in a VAE pass: the whole of it, or one band of rows (vae_patch.py).
+# How a rank takes part in a VAE pass: the whole of it, or one band of rows (parallel/vae_bands.py).
 WHOLE, BAND = "whole", "band"
 # The attention uses whose kernel is chosen: self-attention over all tokens of one rank, the text/image
 # cross-attention, and the self-attention of a sequence-split DiT (xDiT's USP block kernel).
@@ -92,7 +92,7 @@ class RankPlan:
     condition: str | None = None  # the I2V condition encode: WHOLE (rank 0), BAND (a band of rows), None
     decode: str | None = None  # the VAE decode: WHOLE, BAND (every rank; rank 0 gathers), None
     dit: DitWork | None = None
-    hops: tuple[str, ...] = ()  # the handoff hops it sends or receives on (parallel_dims.Hop)
+    hops: tuple[str, ...] = ()  # the handoff hops it sends or receives on (parallel/dims.py's Hop)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -222,7 +222,7 @@ def _predict_memory(plan: JobPlan, facts: ModelFacts,
                     stored: dict[str, dict[str, torch.dtype] | None]) -> tuple[RankMemory, ...]:
     """Each rank's predicted memory on its device (memory.py): the weights it holds, the DiT's block
     live set and what outlives blocks, the FSDP gather buffers, the context cache, the VAE decode
-    (measured by running the decode on meta tensors, vae_patch.decode_peak_bytes)."""
+    (measured by running the decode on meta tensors, vae_bands.decode_peak_bytes)."""
     from ..parallel.vae_bands import decode_peak_bytes
 
     dit_config, vae_config = facts.configs["dit"], facts.configs["vae"]
@@ -322,7 +322,7 @@ def resolve(run: RunConfig, inputs: Inputs, world_size: int) -> JobPlan:
     check_sequence_length(dims, num_tokens)
 
     encoder_device = device_type if run.model.text_encoder_device == "gpu" else "cpu"
-    # A CPU encoder beside a GPU DiT runs in bf16 where the CPU has native bf16 (text_encoding.py).
+    # A CPU encoder beside a GPU DiT runs in bf16 where the CPU has native bf16 (wan/loading.py's cpu_encoder_dtype).
     encoder_dtype = (cpu_encoder_dtype(run.model.text_encoder_dtype, dit_on_gpu=device_type == "cuda",
                                        flags=inputs.cpu_flags) if encoder_device == "cpu" else None) \
         or resolve_dtype(run.model.text_encoder_dtype, torch.device(encoder_device), gpu_default=torch.bfloat16)
@@ -356,7 +356,7 @@ def resolve(run: RunConfig, inputs: Inputs, world_size: int) -> JobPlan:
     components["vae"] = replace(components["vae"], tiling=run.model.vae_tiling)
     # One kernel for the whole model (diffusers' backend: self-attention on one rank, cross-attention),
     # and the USP block kernel; fp32 or an odd head dim takes SDPA. With padded tokens the USP layer swaps
-    # in its masked kernel (attention.py).
+    # in its masked kernel (parallel/attention.py).
     kernel = choose_kernel(run.attention, capability=inputs.device.capability, dtype=dit_dtype,
                            head_dim=int(dit_config["attention_head_dim"]), installed=inputs.kernel_libraries)
     queued = run.prompts_file is not None

@@ -1,9 +1,9 @@
 """One generation run on every rank: its plan (prepare over the ranks, then resolve or the planner), the
 plan's stages for this rank, run to the end, then the report.
 
-What each rank does is its RankPlan's fields (plan.py): rank 0 encodes, hands over and writes; a VAE rank
+What each rank does is its RankPlan's fields (plan/job.py): rank 0 encodes, hands over and writes; a VAE rank
 decodes (or encodes the I2V condition) whole or a band; a DiT rank runs its group's experts over its
-group's steps, on the groups the World (world.py) built.
+group's steps, on the groups the World (parallel/world.py) built.
 """
 
 from __future__ import annotations
