@@ -27,10 +27,15 @@ def _expected_dit_ranks(entry) -> dict[str, list[int]]:
 
 
 @pytest.mark.parametrize("name", sorted(ENTRIES))
-def test_each_rank_holds_what_its_layout_gives_it(matrix_paths, tmp_path, name):
+def test_each_rank_holds_and_does_what_its_layout_gives_it(matrix_paths, tmp_path, name):
     entry = ENTRIES[name]
     case = bind(entry.case, *matrix_paths)
     plan = plan_of(case.run_config(tmp_path), entry.world, tmp_path)
+    _check_holdings(entry, case, plan)
+    _check_work(entry, case, plan)
+
+
+def _check_holdings(entry, case, plan) -> None:
     assert [rank.rank for rank in plan.ranks] == list(range(entry.world))
     held = {rank.rank: rank.weight_bytes for rank in plan.ranks}
     for expert, ranks in _expected_dit_ranks(entry).items():
@@ -50,13 +55,9 @@ def test_each_rank_holds_what_its_layout_gives_it(matrix_paths, tmp_path, name):
         assert str(plan.components["dit"].storage_dtype).startswith("torch.float8")
 
 
-@pytest.mark.parametrize("name", sorted(ENTRIES))
-def test_each_rank_does_what_its_layout_gives_it(matrix_paths, tmp_path, name):
+def _check_work(entry, case, plan) -> None:
     """The RankPlan's fields: rank 0 encodes and writes; the VAE passes whole on rank 0 or a band on every
     rank; each DiT rank's group, shard, steps and leadership; the hops each rank takes part in."""
-    entry = ENTRIES[name]
-    case = bind(entry.case, *matrix_paths)
-    plan = plan_of(case.run_config(tmp_path), entry.world, tmp_path)
     ranks = range(entry.world)
     assert [r.encodes for r in plan.ranks] == [r == 0 for r in ranks]
     bands = entry.world > 1
