@@ -1,10 +1,17 @@
 """Hydra multirun sweeps with the torchrun launcher: each job its own torchrun world (so one job runs on
-one rank and the next on two), outputs per job, a shared embedding cache, and the summary at the end."""
+one rank and the next on two), outputs per job, a shared embedding cache, and the summary at the end.
+
+`make test` runs one sweep that holds what the others show: `make sweep` narrowed to three layouts with a
+failing one between the two that pass, on a preset from a `--config-dir`; and a sweep whose jobs end before
+their Hydra writes anything. `make test-full` adds the three sweeps the first stands for: `make sweep` with
+three layouts that all pass, a sweep whose every job fails (nothing is built), and jobs composed from a
+`--config-dir`."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -23,13 +30,128 @@ def _env(cache: Path) -> dict[str, str]:
     return launch_env(WAN_DIST_CACHE=str(cache), OMP_NUM_THREADS="1")
 
 
+def _short_preset(tmp_path: Path) -> Path:
+    """A config dir whose only preset is the tiny model with 5 frames (model=tiny_short)."""
+    import yaml
+
+    from wan_dist.presets import MODEL_PRESETS
+
+    extra = tmp_path / "extra_conf"
+    (extra / "model").mkdir(parents=True)
+    node = MODEL_PRESETS["tiny"].hydra_node()
+    (extra / "model" / "tiny_short.yaml").write_text("# @package _global_\n" + yaml.safe_dump({**node, "num_frames": 5}))
+    return extra
+
+
+def _make_sweep(args: str) -> list[str]:
+    # -o: take the install as done (this interpreter already has the project); PY: this interpreter.
+    return ["make", "--no-print-directory", "-o", ".venv/.installed", "sweep", f"PY={sys.executable}", f"ARGS={args}"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_sweep_with_a_failing_job_from_a_config_dir(tmp_path):
+    """`make sweep` narrowed to single on one rank, then cfg and ulysses on two, without guidance (so cfg is
+    refused), with a preset that only a `--config-dir` holds: every job (its own torchrun process) finds the
+    preset, the failed job does not stop the sweep, the summary holds all three, and the sweep exits
+    non-zero."""
+    extra = _short_preset(tmp_path)
+    sweep = tmp_path / "sweep"
+    cmd = _make_sweep(f"--config-dir={extra} model=tiny_short parallel=single,cfg,ulysses guidance_scale=1 "
+                      f"output.save_frames=true hydra.sweep.dir={sweep}")
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    # The failed job's log says why, and the failure is named; the job after it ran.
+    assert "error: parallel='cfg' is not allowed with guidance_scale=1.0" in (sweep / "1" / "job.log").read_text()
+    assert not (sweep / "1" / "run.json").exists()
+    assert re.search(r"job 1 \([^)]*parallel=cfg[^)]*\) failed: torchrun exited with", output), output[-3000:]
+    assert "1 of 3 jobs failed" in output
+
+    import imageio.v2 as imageio
+
+    good = ["0", "2"]
+    reports = []
+    for job in good:
+        reader = imageio.get_reader(sweep / job / "video.mp4", format="FFMPEG")
+        assert len([frame for frame in reader]) == 5  # tiny_short's frames, from the config dir
+        reader.close()
+        assert (sweep / job / "job.log").stat().st_size > 0
+        reports.append(json.loads((sweep / job / "run.json").read_text()))
+    assert [r["config"]["num_frames"] for r in reports] == [5, 5]
+    # Each job in a world of its own size, derived from its layout.
+    assert [r["world_size"] for r in reports] == [1, 2]
+    assert [(r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [(1, 1), (1, 2)]
+    # Both layouts make the same video.
+    frames = [np.load(sweep / job / "frames.npy") for job in good]
+    assert max_abs_error(frames[1], frames[0]) <= TOLERANCE
+
+    # One embedding cache for the sweep: the text encoder is loaded by the first job only.
+    loaded = [r["memory"][0]["loaded_parameter_bytes"] for r in reports]
+    assert ["text_encoder" in components for components in loaded] == [True, False]
+    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
+    assert len(list((sweep / "embeddings").glob("*.pt"))) == 1  # the prompt (no negative one unguided)
+
+    # The summary is written all the same, with the failure in it.
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["config"], r["status"], r["ranks"]) for r in rows] == [
+        ("0", "parallel=single", "ok", "1"), ("1", "parallel=cfg", "failed", ""), ("2", "parallel=ulysses", "ok", "2")]
+    for row, report in zip([rows[0], rows[2]], reports):
+        assert float(row["total_s"]) == pytest.approx(report["timings"]["total_s"], abs=1e-3)
+        assert float(row["s_per_step"]) > 0 and float(row["peak_gib_rank0"]) > 0
+    assert float(rows[0]["speedup"]) == 1.0 and rows[0]["peak_gib_rank1"] == ""
+    assert float(rows[2]["speedup"]) == pytest.approx(float(rows[0]["s_per_step"]) / float(rows[2]["s_per_step"]),
+                                                     rel=1e-2)
+    markdown = (sweep / "summary.md").read_text()
+    assert markdown.count("\n| ") == 4 and "| parallel=ulysses | 2 |" in markdown  # header + 3 jobs
+    assert "| parallel=cfg | failed" in markdown
+    assert "sweep summary (3 jobs)" in result.stdout
+
+    from PIL import Image
+
+    with Image.open(sweep / "summary.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] > 400 and chart.size[1] > 200
+
+
+# The sweep process itself, its torchrun launcher's start of each job replaced by a job killed at once (as
+# torchrun ends a rank whose peer failed first): no process of the job gets as far as its Hydra.
+KILLED_AT_ONCE = """
+import runpy, signal
+from hydra.core.plugins import Plugins
+
+Plugins.instance()  # Hydra's scan of its plugins runs their modules afresh: scanned first, then replaced
+from hydra_plugins.wan_dist_launcher import torchrun_launcher
+
+torchrun_launcher._tee = lambda cmd, log_path: -signal.SIGKILL
+runpy.run_path("launch/generate.py", run_name="__main__")
+"""
+
+
+def test_a_job_ended_before_its_hydra_starts_is_in_the_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-c", KILLED_AT_ONCE, "-m", "parallel=single,cfg", f"hydra.sweep.dir={sweep}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "2 of 2 jobs failed" in output, output[-3000:]
+    # Nothing of the jobs' own: only what the launcher wrote before starting them.
+    assert [p.relative_to(sweep / "1").as_posix() for p in sorted((sweep / "1").rglob("*"))] == [
+        ".hydra", ".hydra/overrides.yaml"]
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    # Labelled by what tells them apart: the launcher recorded the shared embedding cache as each job's
+    # Hydra would.
+    assert [(r["job"], r["config"], r["status"]) for r in rows] == [
+        ("0", "parallel=single", "failed"), ("1", "parallel=cfg", "failed")]
+
+
+@pytest.mark.full
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_sweep_three_layouts(tmp_path):
     """`make sweep` with the layouts narrowed to three: single on one rank, cfg and ulysses on two."""
     sweep = tmp_path / "sweep"
-    # -o: take the install as done (this interpreter already has the project); PY: this interpreter.
-    cmd = ["make", "--no-print-directory", "-o", ".venv/.installed", "sweep", f"PY={sys.executable}",
-           f"ARGS=parallel=single,cfg,ulysses output.save_frames=true hydra.sweep.dir={sweep}"]
+    cmd = _make_sweep(f"parallel=single,cfg,ulysses output.save_frames=true hydra.sweep.dir={sweep}")
     result = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
@@ -76,6 +198,7 @@ def test_make_sweep_three_layouts(tmp_path):
         assert chart.format == "PNG" and chart.size[0] > 400 and chart.size[1] > 200
 
 
+@pytest.mark.full
 def test_sweep_with_failing_jobs_exits_non_zero(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "launch/generate.py", "-m", "parallel=single", "height=50,60", f"hydra.sweep.dir={sweep}"]
@@ -94,16 +217,10 @@ def test_sweep_with_failing_jobs_exits_non_zero(tmp_path):
     assert not (tmp_path / "cache" / "models").exists()
 
 
+@pytest.mark.full
 def test_jobs_compose_from_the_sweeps_config_dir(tmp_path):
     """A preset that only a `--config-dir` holds: every job (its own torchrun process) must find it too."""
-    extra = tmp_path / "extra_conf"
-    (extra / "model").mkdir(parents=True)
-    import yaml
-
-    from wan_dist.presets import MODEL_PRESETS
-
-    node = MODEL_PRESETS["tiny"].hydra_node()
-    (extra / "model" / "tiny_short.yaml").write_text("# @package _global_\n" + yaml.safe_dump({**node, "num_frames": 5}))
+    extra = _short_preset(tmp_path)
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "launch/generate.py", "-m", f"--config-dir={extra}", "model=tiny_short",
            "parallel=single", "steps=1,2", f"hydra.sweep.dir={sweep}"]
