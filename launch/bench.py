@@ -17,8 +17,9 @@ the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matm
 rank) on CPU. A prompt queue compares a stage split with the same queue in one process; for a two-expert
 model (`--model bench_moe` on CPU, `t2v_a14b` on GPUs), the expert pipeline (`parallel.expert_split`) with
 the same queue on the same ranks without it (expert_queue_pair), in videos per second. On CPU, the
-machine's parallel ceiling is measured right before each multi-rank run (about 10 s each): a virtual
-machine's host gives the second core a share that changes from minute to minute.
+machine's parallel ceiling is measured right before each multi-rank run (twice --ceiling-seconds, and
+the processes' start): a virtual machine's host gives the second core a share that changes from minute to
+minute.
 
 Writes <out>/<stamp>/bench.json, bench.md and bench.png.
 """
@@ -70,13 +71,71 @@ QUEUE_PROMPTS = ["a red fox running through snow", "a sailing boat at sunset", "
                  "a hummingbird drinking from a flower", "waves breaking on black sand", "a paper plane in the wind"]
 
 
+# One process's single-thread matmul rate over argv[1] seconds from the moment it is told to start, once
+# it has said it is ready: processes told together measure the same window, however long each took to
+# import torch on a loaded machine.
+_RATE_CODE = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+torch.mm(a, b)
+print("ready", flush=True)
+sys.stdin.readline()
+seconds, count, t0 = float(sys.argv[1]), 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    torch.mm(a, b)
+    count += 1
+print(count / (time.perf_counter() - t0), flush=True)
+"""
+
+
+def matmul_rates(processes: int, seconds: float) -> list[float]:
+    """Each process's rate over one shared window."""
+    procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(seconds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    try:
+        if [p.stdout.readline().strip() for p in procs] != ["ready"] * processes:
+            raise RuntimeError("a matmul rate process ended before it was ready")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return [float(p.communicate()[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+# How long each window of the ceiling lasts: set by main for the sweeps it starts, read where the
+# launcher calls record_parallel_ceiling (in the sweep's process).
+CEILING_SECONDS_VAR = "WAN_DIST_BENCH_CEILING_S"
+
+
+def record_parallel_ceiling(job_dir: Path, nproc: int) -> None:
+    """The torchrun launcher's `before_job`: before a multi-rank CPU job, how many times one single-thread
+    process's matmul rate `nproc` of them reach together right then, into the job's folder, where
+    run_layouts reads it beside the job's run.json. On a machine of its own this is the rank count; on a
+    shared or virtual one the host's other load and its placement of the virtual cores take their share,
+    and no layout can beat it."""
+    import torch
+
+    if nproc < 2 or torch.cuda.is_available():
+        return
+    seconds = float(os.environ.get(CEILING_SECONDS_VAR, "2"))
+    alone, together = matmul_rates(1, seconds), matmul_rates(nproc, seconds)
+    ceiling = sum(together) / alone[0]
+    (Path(job_dir) / CEILING_FILE).write_text(json.dumps({"processes": nproc, "ceiling": ceiling}) + "\n")
+
+
 def run_layouts(names: list[str], overrides: list[str], sweep_dir: Path) -> dict[str, dict]:
     """The layouts (presets.LAYOUTS) as one Hydra multirun on the torchrun launcher: each job its own
     torchrun world of the layout's size, the machine's parallel ceiling recorded right before each
     multi-rank CPU job; then each job's run.json read back (wan_dist.sweep finds the jobs)."""
+    # The sweep runs generate.py, whose folder (this one) is first on its module path: `bench` is this file.
     cmd = [sys.executable, str(ROOT / "launch" / "generate.py"), "-m", f"+layout={','.join(names)}", *overrides,
            "hydra/launcher=torchrun", "hydra.launcher.nproc_per_node=auto",
-           "hydra.launcher.before_job=wan_dist.perf:record_parallel_ceiling", f"hydra.sweep.dir={sweep_dir}"]
+           "hydra.launcher.before_job=bench:record_parallel_ceiling", f"hydra.sweep.dir={sweep_dir}"]
     subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)  # a failed job shows as a failed row
     results = {}
     for row in collect_jobs(sweep_dir):
@@ -164,11 +223,11 @@ def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _peak_subprocess(device: str) -> dict:
+def _peak_subprocess(device: str, seconds: float) -> dict:
     """Measured in a fresh process with the ranks' thread count, so it is what one rank can reach."""
     code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.perf import measure_matmul_tflops as m; "
-            "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32)))"
-            % (str(ROOT), device))
+            "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32, "
+            "seconds=%r)))" % (str(ROOT), device, seconds))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -403,10 +462,18 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all layouts; each reports its best "
                         "(on a shared or virtual machine, 3 rounds steady the ratios)")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="length of each of the two windows "
+                        "of the parallel ceiling measured before each multi-rank CPU run")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="length of each of the three rounds "
+                        "of the peak matmul measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--diffusers-spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
+    for option in ("ceiling_seconds", "peak_seconds"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not allowed: a positive number")
+    os.environ[CEILING_SECONDS_VAR] = str(args.ceiling_seconds)
     if args.diffusers_spec:
         print(json.dumps(run_diffusers(json.loads(args.diffusers_spec.read_text()))))
         return
@@ -485,7 +552,7 @@ def main() -> None:
 
     if on_gpu:
         device_name = torch.cuda.get_device_name(0)
-        measured = _peak_subprocess("cuda")
+        measured = _peak_subprocess("cuda", args.peak_seconds)
         table = gpu_peak_tflops(device_name)
         peak = {"measured_matmul_tflops": measured, "datasheet_bf16_tflops": table, "used_tflops": measured,
                 "source": "measured bf16 matmul"}
@@ -493,7 +560,7 @@ def main() -> None:
         import platform
 
         device_name = f"CPU ({platform.processor() or platform.machine()}), {os.environ['OMP_NUM_THREADS']} thread(s) per rank"
-        measured = _peak_subprocess("cpu")
+        measured = _peak_subprocess("cpu", args.peak_seconds)
         peak = {"measured_matmul_tflops": measured, "used_tflops": measured, "source": "measured fp32 matmul"}
     guided = is_guided(spec["guidance_scale"])
     flops = step_flops(spec["dit_config"], spec["tokens"], guided=guided)

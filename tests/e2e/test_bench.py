@@ -27,7 +27,7 @@ CASES = {
 def test_bench_reports_layouts_beside_diffusers(t2v_folder, tmp_path, case):
     layouts, expected_rows = CASES[case]
     cmd = [sys.executable, "launch/bench.py", "--model", "tiny", "--nproc", "1", "2", "--queue", "2",
-           "--layouts", *layouts, "--out", str(tmp_path), "--",
+           "--layouts", *layouts, "--ceiling-seconds", "0.5", "--peak-seconds", "0.1", "--out", str(tmp_path), "--",
            f"model.path={t2v_folder}", "steps=3", "height=48", "width=80", "num_frames=5"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
