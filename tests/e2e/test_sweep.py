@@ -43,6 +43,59 @@ def _short_preset(tmp_path: Path) -> Path:
     return extra
 
 
+# The three layouts of both `make sweep` tests: job folder, override, ranks, (cfg, ulysses) degrees.
+LAYOUTS = [("0", "parallel=single", 1, (1, 1)), ("1", "parallel=cfg", 2, (2, 1)), ("2", "parallel=ulysses", 2, (1, 2))]
+
+
+def _check_layouts_sweep(sweep: Path, stdout: str, *, failed: str | None, num_frames: int, prompts: int) -> None:
+    """Each job of LAYOUTS but `failed` made its video of `num_frames` frames in a world of its layout's size,
+    all of them the same video, with one embedding cache for the sweep (`prompts` files) whose text encoder
+    only the first job loaded; the summary holds every job, `failed` as failed."""
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    ran = [layout for layout in LAYOUTS if layout[0] != failed]
+    reports = []
+    for job, *_ in ran:
+        reader = imageio.get_reader(sweep / job / "video.mp4", format="FFMPEG")
+        assert len([frame for frame in reader]) == num_frames
+        reader.close()
+        assert (sweep / job / "job.log").stat().st_size > 0
+        reports.append(json.loads((sweep / job / "run.json").read_text()))
+    assert [r["config"]["num_frames"] for r in reports] == [num_frames] * len(ran)
+    # Each job in a world of its own size, derived from its layout.
+    assert [r["world_size"] for r in reports] == [ranks for _, _, ranks, _ in ran]
+    assert [(r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [degrees for *_, degrees in ran]
+    # Every layout makes the same video.
+    frames = [np.load(sweep / job / "frames.npy") for job, *_ in ran]
+    assert max(max_abs_error(f, frames[0]) for f in frames[1:]) <= TOLERANCE
+
+    # One embedding cache for the sweep: the text encoder is loaded by the first job only.
+    loaded = [r["memory"][0]["loaded_parameter_bytes"] for r in reports]
+    assert ["text_encoder" in components for components in loaded] == [True] + [False] * (len(ran) - 1)
+    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
+    assert len(list((sweep / "embeddings").glob("*.pt"))) == prompts
+
+    with open(sweep / "summary.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["job"], r["config"], r["status"], r["ranks"]) for r in rows] == [
+        (job, layout, "failed", "") if job == failed else (job, layout, "ok", str(ranks))
+        for job, layout, ranks, _ in LAYOUTS]
+    ok = [r for r in rows if r["status"] == "ok"]
+    for row, report in zip(ok, reports):
+        assert float(row["total_s"]) == pytest.approx(report["timings"]["total_s"], abs=1e-3)
+        assert float(row["s_per_step"]) > 0 and float(row["peak_gib_rank0"]) > 0
+    assert float(ok[0]["speedup"]) == 1.0 and ok[0]["peak_gib_rank1"] == ""
+    assert float(ok[1]["speedup"]) == pytest.approx(float(ok[0]["s_per_step"]) / float(ok[1]["s_per_step"]), rel=1e-2)
+    markdown = (sweep / "summary.md").read_text()
+    assert markdown.count("\n| ") == 4 and "| parallel=ulysses | 2 |" in markdown  # header + 3 jobs
+    assert failed is None or f"| {LAYOUTS[int(failed)][1]} | failed" in markdown
+    assert "sweep summary (3 jobs)" in stdout
+
+    with Image.open(sweep / "summary.png") as chart:
+        assert chart.format == "PNG" and chart.size[0] > 400 and chart.size[1] > 200
+
+
 def _make_sweep(args: str) -> list[str]:
     # -o: take the install as done (this interpreter already has the project); PY: this interpreter.
     return ["make", "--no-print-directory", "-o", ".venv/.installed", "sweep", f"PY={sys.executable}", f"ARGS={args}"]
@@ -68,50 +121,7 @@ def test_make_sweep_with_a_failing_job_from_a_config_dir(tmp_path):
     assert re.search(r"job 1 \([^)]*parallel=cfg[^)]*\) failed: torchrun exited with", output), output[-3000:]
     assert "1 of 3 jobs failed" in output
 
-    import imageio.v2 as imageio
-
-    good = ["0", "2"]
-    reports = []
-    for job in good:
-        reader = imageio.get_reader(sweep / job / "video.mp4", format="FFMPEG")
-        assert len([frame for frame in reader]) == 5  # tiny_short's frames, from the config dir
-        reader.close()
-        assert (sweep / job / "job.log").stat().st_size > 0
-        reports.append(json.loads((sweep / job / "run.json").read_text()))
-    assert [r["config"]["num_frames"] for r in reports] == [5, 5]
-    # Each job in a world of its own size, derived from its layout.
-    assert [r["world_size"] for r in reports] == [1, 2]
-    assert [(r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [(1, 1), (1, 2)]
-    # Both layouts make the same video.
-    frames = [np.load(sweep / job / "frames.npy") for job in good]
-    assert max_abs_error(frames[1], frames[0]) <= TOLERANCE
-
-    # One embedding cache for the sweep: the text encoder is loaded by the first job only.
-    loaded = [r["memory"][0]["loaded_parameter_bytes"] for r in reports]
-    assert ["text_encoder" in components for components in loaded] == [True, False]
-    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
-    assert len(list((sweep / "embeddings").glob("*.pt"))) == 1  # the prompt (no negative one unguided)
-
-    # The summary is written all the same, with the failure in it.
-    with open(sweep / "summary.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["job"], r["config"], r["status"], r["ranks"]) for r in rows] == [
-        ("0", "parallel=single", "ok", "1"), ("1", "parallel=cfg", "failed", ""), ("2", "parallel=ulysses", "ok", "2")]
-    for row, report in zip([rows[0], rows[2]], reports):
-        assert float(row["total_s"]) == pytest.approx(report["timings"]["total_s"], abs=1e-3)
-        assert float(row["s_per_step"]) > 0 and float(row["peak_gib_rank0"]) > 0
-    assert float(rows[0]["speedup"]) == 1.0 and rows[0]["peak_gib_rank1"] == ""
-    assert float(rows[2]["speedup"]) == pytest.approx(float(rows[0]["s_per_step"]) / float(rows[2]["s_per_step"]),
-                                                     rel=1e-2)
-    markdown = (sweep / "summary.md").read_text()
-    assert markdown.count("\n| ") == 4 and "| parallel=ulysses | 2 |" in markdown  # header + 3 jobs
-    assert "| parallel=cfg | failed" in markdown
-    assert "sweep summary (3 jobs)" in result.stdout
-
-    from PIL import Image
-
-    with Image.open(sweep / "summary.png") as chart:
-        assert chart.format == "PNG" and chart.size[0] > 400 and chart.size[1] > 200
+    _check_layouts_sweep(sweep, result.stdout, failed="1", num_frames=5, prompts=1)  # tiny_short's frames
 
 
 # The sweep process itself, its torchrun launcher's start of each job replaced by a job killed at once (as
@@ -156,46 +166,7 @@ def test_make_sweep_three_layouts(tmp_path):
                             timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
 
-    import imageio.v2 as imageio
-
-    reports = []
-    for job in range(3):
-        reader = imageio.get_reader(sweep / str(job) / "video.mp4", format="FFMPEG")
-        assert len([frame for frame in reader]) == 9
-        reader.close()
-        assert (sweep / str(job) / "job.log").stat().st_size > 0
-        reports.append(json.loads((sweep / str(job) / "run.json").read_text()))
-    # Each job in a world of its own size, derived from its layout.
-    assert [r["world_size"] for r in reports] == [1, 2, 2]
-    assert [(r["mesh"]["cfg"], r["mesh"]["ulysses"]) for r in reports] == [(1, 1), (2, 1), (1, 2)]
-    # Every layout makes the same video.
-    frames = [np.load(sweep / str(job) / "frames.npy") for job in range(3)]
-    assert max(max_abs_error(f, frames[0]) for f in frames[1:]) <= TOLERANCE
-
-    # One embedding cache for the sweep: the text encoder is loaded by the first job only.
-    loaded = [r["memory"][0]["loaded_parameter_bytes"] for r in reports]
-    assert ["text_encoder" in components for components in loaded] == [True, False, False]
-    assert {r["config"]["embedding_cache"] for r in reports} == {str(sweep / "embeddings")}
-    assert len(list((sweep / "embeddings").glob("*.pt"))) == 2  # the prompt and the negative prompt
-
-    with open(sweep / "summary.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [(r["job"], r["config"], r["status"], r["ranks"]) for r in rows] == [
-        ("0", "parallel=single", "ok", "1"), ("1", "parallel=cfg", "ok", "2"), ("2", "parallel=ulysses", "ok", "2")]
-    for row, report in zip(rows, reports):
-        assert float(row["total_s"]) == pytest.approx(report["timings"]["total_s"], abs=1e-3)
-        assert float(row["s_per_step"]) > 0 and float(row["peak_gib_rank0"]) > 0
-    assert float(rows[0]["speedup"]) == 1.0 and rows[0]["peak_gib_rank1"] == ""
-    assert float(rows[1]["speedup"]) == pytest.approx(float(rows[0]["s_per_step"]) / float(rows[1]["s_per_step"]),
-                                                     rel=1e-2)
-    markdown = (sweep / "summary.md").read_text()
-    assert markdown.count("\n| ") == 4 and "| parallel=ulysses | 2 |" in markdown  # header + 3 jobs
-    assert "sweep summary (3 jobs)" in result.stdout
-
-    from PIL import Image
-
-    with Image.open(sweep / "summary.png") as chart:
-        assert chart.format == "PNG" and chart.size[0] > 400 and chart.size[1] > 200
+    _check_layouts_sweep(sweep, result.stdout, failed=None, num_frames=9, prompts=2)
 
 
 @pytest.mark.full
