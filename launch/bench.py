@@ -123,9 +123,9 @@ def record_parallel_ceiling(job_dir: Path, nproc: int) -> None:
     if nproc < 2 or torch.cuda.is_available():
         return
     seconds = float(os.environ.get(CEILING_SECONDS_VAR, "2"))
-    alone, together = matmul_rates(1, seconds), matmul_rates(nproc, seconds)
-    ceiling = sum(together) / alone[0]
-    (Path(job_dir) / CEILING_FILE).write_text(json.dumps({"processes": nproc, "ceiling": ceiling}) + "\n")
+    (alone,), together = matmul_rates(1, seconds), matmul_rates(nproc, seconds)
+    measured = {"processes": nproc, "ceiling": sum(together) / alone, "alone": alone, "together": together}
+    (Path(job_dir) / CEILING_FILE).write_text(json.dumps(measured) + "\n")
 
 
 def run_layouts(names: list[str], overrides: list[str], sweep_dir: Path) -> dict[str, dict]:
