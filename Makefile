@@ -45,9 +45,10 @@ bench: $(STAMP)
 	$(PY) launch/bench.py $(ARGS)
 
 # One rank, then every 2-rank layout, as one Hydra multirun: each job its own torchrun world (the torchrun
-# launcher, conf/experiment/layouts.yaml); summary.{csv,md,png} in the sweep dir at the end.
+# launcher, conf/experiment/layouts.yaml); summary.{csv,md,png} in the sweep dir at the end. ARGS first:
+# Hydra takes its options (--config-dir=...) only before the overrides.
 sweep: $(STAMP)
-	$(PY) launch/generate.py -m +experiment=layouts $(ARGS)
+	$(PY) launch/generate.py -m $(ARGS) +experiment=layouts
 
 # What a GPU machine with torch but none of our other dependencies needs (Python 3.12, manylinux x86_64),
 # one version each, into .whl/ (ignored by git; emptied first, so that no stale second version stops the

@@ -17,8 +17,9 @@ the data-sheet bf16 peak and a measured matmul peak on GPU, a measured fp32 matm
 rank) on CPU. A prompt queue compares a stage split with the same queue in one process; for a two-expert
 model (`--model bench_moe` on CPU, `t2v_a14b` on GPUs), the expert pipeline (`parallel.expert_split`) with
 the same queue on the same ranks without it (expert_queue_pair), in videos per second. On CPU, the
-machine's parallel ceiling is measured right before each multi-rank run (about 10 s each): a virtual
-machine's host gives the second core a share that changes from minute to minute.
+machine's parallel ceiling is measured right before each multi-rank run (twice --ceiling-seconds, and
+the processes' start): a virtual machine's host gives the second core a share that changes from minute to
+minute.
 
 Writes <out>/<stamp>/bench.json, bench.md and bench.png.
 """
@@ -41,7 +42,7 @@ from wan_dist.run.metrics import steady_step_seconds  # noqa: E402
 from wan_dist.run.sweep import pyplot  # noqa: E402
 
 from wan_dist.plan.cost import (  # noqa: E402
-    CEILING_FILE, gpu_peak_tflops, scaling_table, step_flops, transfer_markdown, transfer_table,
+    CEILING_FILE, CEILING_SECONDS_VAR, gpu_peak_tflops, scaling_table, step_flops, transfer_markdown, transfer_table,
 )
 from wan_dist.config.presets import LAYOUTS, MEMORY_OPTIONS, MODEL_PRESETS  # noqa: E402
 from wan_dist.run.sweep import collect_jobs  # noqa: E402
@@ -164,11 +165,11 @@ def run_diffusers_subprocess(spec: dict, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _peak_subprocess(device: str) -> dict:
+def _peak_subprocess(device: str, seconds: float) -> dict:
     """Measured in a fresh process with the ranks' thread count, so it is what one rank can reach."""
     code = ("import json,sys,torch; sys.path.insert(0, %r); from wan_dist.plan.cost import measure_matmul_tflops as m; "
-            "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32)))"
-            % (str(ROOT), device))
+            "d=torch.device(%r); print(json.dumps(m(d, torch.bfloat16 if d.type=='cuda' else torch.float32, "
+            "seconds=%r)))" % (str(ROOT), device, seconds))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
 
@@ -403,10 +404,18 @@ def main() -> None:
     parser.add_argument("--no-diffusers", action="store_true", help="skip diffusers' pipeline")
     parser.add_argument("--repeat", type=int, default=1, help="rounds over all layouts; each reports its best "
                         "(on a shared or virtual machine, 3 rounds steady the ratios)")
+    parser.add_argument("--ceiling-seconds", type=float, default=2.0, help="length of each of the two windows "
+                        "of the parallel ceiling measured before each multi-rank CPU run")
+    parser.add_argument("--peak-seconds", type=float, default=1.0, help="length of each of the three rounds "
+                        "of the peak matmul measurement")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results")
     parser.add_argument("--diffusers-spec", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
     args = parser.parse_args()
+    for option in ("ceiling_seconds", "peak_seconds"):
+        if getattr(args, option) <= 0:
+            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not allowed: a positive number")
+    os.environ[CEILING_SECONDS_VAR] = str(args.ceiling_seconds)
     if args.diffusers_spec:
         print(json.dumps(run_diffusers(json.loads(args.diffusers_spec.read_text()))))
         return
@@ -485,7 +494,7 @@ def main() -> None:
 
     if on_gpu:
         device_name = torch.cuda.get_device_name(0)
-        measured = _peak_subprocess("cuda")
+        measured = _peak_subprocess("cuda", args.peak_seconds)
         table = gpu_peak_tflops(device_name)
         peak = {"measured_matmul_tflops": measured, "datasheet_bf16_tflops": table, "used_tflops": measured,
                 "source": "measured bf16 matmul"}
@@ -493,7 +502,7 @@ def main() -> None:
         import platform
 
         device_name = f"CPU ({platform.processor() or platform.machine()}), {os.environ['OMP_NUM_THREADS']} thread(s) per rank"
-        measured = _peak_subprocess("cpu")
+        measured = _peak_subprocess("cpu", args.peak_seconds)
         peak = {"measured_matmul_tflops": measured, "used_tflops": measured, "source": "measured fp32 matmul"}
     guided = is_guided(spec["guidance_scale"])
     flops = step_flops(spec["dit_config"], spec["tokens"], guided=guided)

@@ -82,6 +82,8 @@ class TorchrunLauncher(Launcher):
         return returns
 
     def _run_job(self, idx: int, overrides: list[str]) -> JobReturn:
+        from wan_dist.run.sweep import record_job, shared_embedding_cache
+
         sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
@@ -93,13 +95,12 @@ class TorchrunLauncher(Launcher):
         nproc = self._nproc(sweep_config)
         args = list(overrides)
         if self.share_embedding_cache and OmegaConf.select(sweep_config, "embedding_cache") is None:
-            from wan_dist.run.sweep import shared_embedding_cache
-
             args.append(f"embedding_cache={shared_embedding_cache(sweep_config.hydra.sweep.dir).resolve()}")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.abspath(sys.argv[0]), f"--config-name={sweep_config.hydra.job.config_name}",
                *_config_search_args(sweep_config), *args, f"hydra.run.dir={job_dir.resolve()}"]
         log.info("\t#%d : %s (%d rank%s)", idx, " ".join(filter_overrides(overrides)), nproc, "s"[: nproc != 1])
+        record_job(job_dir, args)
         if self.before_job is not None:
             self.before_job(job_dir, nproc)
         returncode = _tee(cmd, job_dir / "job.log")

@@ -288,11 +288,12 @@ def ctrl_c_on_torchrun(tmp_path: Path, t2v_folder: Path) -> Scenario:
 
 # Each test's scenario and its place in the sequence (tests/e2e/test_lost_peer.py's have the places
 # between): the killed rank first, whose torchrun then waits up to 20 s for its next poll while the
-# launches after it run.
+# launches after it run; Ctrl-C last of make test's, as it ends its run at once where the others wait out
+# a timeout.
 register_scenarios(__name__, {
     "test_killed_rank_stops_the_others": (0, killed_rank),
     "test_hung_rank_times_out_with_a_clear_error": (10, hung_rank),
-    "test_ctrl_c_on_torchrun_cleans_up": (40, ctrl_c_on_torchrun),
+    "test_ctrl_c_on_torchrun_cleans_up": (55, ctrl_c_on_torchrun),
     "test_hung_rank_in_a_cfg_ulysses_mesh_times_out": (70, hung_rank_in_a_cfg_ulysses_mesh),
     "test_hung_dit_rank_in_a_stage_split_times_out": (80, hung_dit_rank_in_a_stage_split),
 }, lambda item: item.originalname)

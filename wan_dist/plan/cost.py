@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -117,59 +118,63 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, *, size: int
     return 2 * size**3 / best / 1e12
 
 
-# One process's single-thread matmul rate over a window that starts at a given wall-clock time, so that
-# processes started together measure the same window.
+CEILING_FILE = "ceiling.json"
+
+
+# One process's single-thread matmul rate over argv[1] seconds from the moment it is told to start, once
+# it has said it is ready: processes told together measure the same window, however long each took to
+# import torch on a loaded machine.
 _RATE_CODE = """
 import sys, time, torch
 torch.set_num_threads(1)
 a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
 torch.mm(a, b)
-start_at, seconds = float(sys.argv[1]), float(sys.argv[2])
-if time.time() > start_at:
-    sys.exit(3)  # started late: the windows would not overlap
-while time.time() < start_at:
-    time.sleep(0.001)
-count, t0 = 0, time.perf_counter()
+print("ready", flush=True)
+sys.stdin.readline()
+seconds, count, t0 = float(sys.argv[1]), 0, time.perf_counter()
 while time.perf_counter() - t0 < seconds:
     torch.mm(a, b)
     count += 1
-print(count / (time.perf_counter() - t0))
+print(count / (time.perf_counter() - t0), flush=True)
 """
 
 
-def _matmul_rates(processes: int, seconds: float) -> list[float] | None:
-    """Each process's rate over one shared window; None when one of them started late or failed. The
-    window opens once every process has had time to import torch, longer on a second try."""
-    for delay in (3.0, 8.0):
-        start_at = time.time() + delay
-        procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(start_at), str(seconds)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-                 for _ in range(processes)]
-        outputs = [p.communicate()[0] for p in procs]
-        if all(p.returncode == 0 for p in procs):
-            return [float(out) for out in outputs]
-    return None
+def matmul_rates(processes: int, seconds: float) -> list[float]:
+    """Each process's rate over one shared window."""
+    procs = [subprocess.Popen([sys.executable, "-c", _RATE_CODE, str(seconds)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    try:
+        if [p.stdout.readline().strip() for p in procs] != ["ready"] * processes:
+            raise RuntimeError("a matmul rate process ended before it was ready")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return [float(p.communicate()[0]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
-def parallel_ceiling(processes: int, seconds: float = 2.0) -> float | None:
-    """How many times one single-thread process's matmul rate `processes` of them reach together, now
-    (None if it could not be measured). On a machine of its own this is the rank count; on a shared or
-    virtual one the host's other load and its placement of the virtual cores take their share, and no
-    layout can beat it."""
-    alone, together = _matmul_rates(1, seconds), _matmul_rates(processes, seconds)
-    return None if alone is None or together is None else sum(together) / alone[0]
-
-CEILING_FILE = "ceiling.json"
+# How long each window of the ceiling lasts: launch/bench.py sets it for the sweeps it starts; read where the
+# launcher calls record_parallel_ceiling (in the sweep's process).
+CEILING_SECONDS_VAR = "WAN_DIST_BENCH_CEILING_S"
 
 
 def record_parallel_ceiling(job_dir: Path, nproc: int) -> None:
-    """Before a multi-rank CPU job (the torchrun launcher's `before_job`): the machine's parallel ceiling
-    right then, into the job's folder, where the bench reads it beside the job's run.json."""
+    """The torchrun launcher's `before_job`: before a multi-rank CPU job, how many times one single-thread
+    process's matmul rate `nproc` of them reach together right then, into the job's folder, where
+    run_layouts reads it beside the job's run.json. On a machine of its own this is the rank count; on a
+    shared or virtual one the host's other load and its placement of the virtual cores take their share,
+    and no layout can beat it."""
     if nproc < 2 or torch.cuda.is_available():
         return
-    ceiling = parallel_ceiling(nproc)
-    if ceiling is not None:
-        (Path(job_dir) / CEILING_FILE).write_text(json.dumps({"processes": nproc, "ceiling": ceiling}) + "\n")
+    seconds = float(os.environ.get(CEILING_SECONDS_VAR, "2"))
+    (alone,), together = matmul_rates(1, seconds), matmul_rates(nproc, seconds)
+    measured = {"processes": nproc, "ceiling": sum(together) / alone, "alone": alone, "together": together}
+    (Path(job_dir) / CEILING_FILE).write_text(json.dumps(measured) + "\n")
+
 
 
 # ------------------------------------------------------------------------------------------- scaling

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS_DIR = "embeddings"
 SUMMARY_NAMES = ("summary.csv", "summary.md", "summary.png")
+# Where Hydra keeps a job's overrides in its folder: what tells a job folder from any other.
+JOB_OVERRIDES = ".hydra/overrides.yaml"
 
 
 def shared_embedding_cache(sweep_dir: str | Path) -> Path:
@@ -51,6 +53,13 @@ class JobRow:
     speedup: float | None = None
 
 
+def record_job(job_dir: str | Path, overrides: list[str]) -> None:
+    """Writes the job's overrides where its own Hydra will (the same list), before the job starts: a job
+    whose process is ended before its Hydra gets that far (torchrun stops the other ranks once one fails)
+    is still a row of the summary."""
+    atomic_write(Path(job_dir) / JOB_OVERRIDES, lambda tmp: tmp.write_text(yaml.safe_dump(list(overrides))))
+
+
 def _natural_key(text: str) -> list[Any]:
     """Job folders 0, 1, ..., 10 in numeric order."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
@@ -61,13 +70,13 @@ def _override_key(override: str) -> str:
 
 
 def collect_jobs(sweep_dir: Path) -> list[JobRow]:
-    """Every job folder under the sweep dir (one holding `.hydra/overrides.yaml`), with its run.json's
-    numbers when the run finished."""
+    """Every job folder under the sweep dir (one holding JOB_OVERRIDES), with its run.json's numbers when
+    the run finished."""
     from .metrics import steady_step_seconds
 
     rows = []
-    for overrides_file in sweep_dir.rglob(".hydra/overrides.yaml"):
-        job_dir = overrides_file.parent.parent
+    for overrides_file in sweep_dir.rglob(JOB_OVERRIDES):
+        job_dir = overrides_file.parents[JOB_OVERRIDES.count("/")]
         overrides = [str(o) for o in (yaml.safe_load(overrides_file.read_text()) or [])]
         report_file = job_dir / "run.json"
         row = JobRow(job=str(job_dir.relative_to(sweep_dir)), overrides=overrides, ok=report_file.is_file())
